@@ -1,0 +1,212 @@
+"""STAR metadata tables as RELION >= 3.1 writes them: an optics block plus a data block.
+
+Reading and writing go through ``starfile``; this module adds RELION's semantics (optics groups,
+legacy pre-3.1 files, required columns) and turns every problem into one :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from .atomic import atomic_path
+from .errors import InputError
+
+OPTICS_REQUIRED = ("rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+# Per-particle columns that a pre-3.1 file carries and RELION 3.1 moves into the optics table.
+_LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
+    """All blocks of a STAR file keyed by name (without ``data_``), each a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found", "check the path")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises a variety of parser errors
+        raise InputError(path, f"not a readable STAR file ({type(err).__name__}: {err})") from None
+    out: dict[str, pd.DataFrame] = {}
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            out[name] = block
+        else:  # a list block: label -> value
+            out[name] = pd.DataFrame([block])
+    if not out:
+        raise InputError(path, "the file contains no data blocks")
+    return out
+
+
+def write_star(path: str | Path, blocks: Mapping[str, pd.DataFrame | dict]) -> None:
+    """Write blocks (DataFrames, or dicts for list blocks) to ``path`` atomically, in order."""
+    data: dict[str, Any] = {}
+    for name, block in blocks.items():
+        data[name] = block
+    with atomic_path(path) as tmp:
+        starfile.write(data, tmp)
+
+
+@dataclass
+class MetadataTable:
+    """One RELION data block (movies, micrographs or particles) with its optics groups."""
+
+    data: pd.DataFrame
+    optics: pd.DataFrame
+    block: str = "particles"
+    path: Path | None = None
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def optics_value(self, label: str) -> np.ndarray:
+        """The optics-table ``label`` for each row, looked up through ``rlnOpticsGroup``."""
+        if label not in self.optics.columns:
+            raise InputError(self.path, f"the optics table has no {label} column",
+                             "add it to data_optics (every optics group needs a value)")
+        lookup = dict(zip(self.optics["rlnOpticsGroup"].astype(int), self.optics[label]))
+        return np.asarray([lookup[g] for g in self.data["rlnOpticsGroup"].astype(int)])
+
+    def column(self, label: str, default: float | None = None) -> np.ndarray:
+        """A numeric per-row column, from the data block or else from the optics table."""
+        if label in self.data.columns:
+            return self.data[label].to_numpy(dtype=np.float64)
+        if label in self.optics.columns:
+            return self.optics_value(label).astype(np.float64)
+        if default is not None:
+            return np.full(len(self.data), float(default))
+        raise InputError(self.path, f"no {label} column in data_{self.block} or data_optics")
+
+    def image_pixel_size(self) -> float:
+        """The particles' pixel size (Å); all optics groups must agree for one reconstruction."""
+        label = "rlnImagePixelSize" if self.block == "particles" else "rlnMicrographPixelSize"
+        sizes = np.unique(np.round(self.column(label), 5))
+        if sizes.size != 1:
+            raise InputError(self.path, f"optics groups have different {label}: {sizes.tolist()}",
+                             "rescale the particles to one pixel size (re-extract) before combining")
+        return float(sizes[0])
+
+    def subset(self, mask: np.ndarray) -> MetadataTable:
+        """A table with the rows where ``mask`` is true (same optics)."""
+        return MetadataTable(self.data[np.asarray(mask)].reset_index(drop=True), self.optics,
+                             self.block, self.path, self.extra)
+
+    def to_blocks(self) -> dict[str, pd.DataFrame]:
+        """Blocks in RELION's order: optics first, then the data block, then anything else."""
+        blocks = {"optics": self.optics, self.block: self.data}
+        blocks.update(self.extra)
+        return blocks
+
+
+ParticleTable = MetadataTable
+
+
+def _legacy_to_optics(df: pd.DataFrame, block: str, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Convert a pre-3.1 table (per-row optics, pixel offsets) to the 3.1 layout, one optics group."""
+    df = df.copy()
+    optics: dict[str, Any] = {"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1"}
+    for label in _LEGACY_OPTICS:
+        if label in df.columns:
+            optics[label] = float(df[label].iloc[0])
+            df = df.drop(columns=label)
+    pixel = None
+    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        pixel = float(df["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(df["rlnMagnification"].iloc[0])
+        df = df.drop(columns=["rlnDetectorPixelSize", "rlnMagnification"])
+    if pixel is not None:
+        key = "rlnImagePixelSize" if block == "particles" else "rlnMicrographPixelSize"
+        optics[key] = pixel
+        for axis in ("X", "Y"):
+            old = f"rlnOrigin{axis}"
+            if old in df.columns:
+                df[f"rlnOrigin{axis}Angst"] = df[old] * pixel
+                df = df.drop(columns=old)
+    df["rlnOpticsGroup"] = 1
+    return df, pd.DataFrame([optics])
+
+
+def read_table(path: str | Path, block: str = "particles", required: Iterable[str] = (),
+               optics_required: Iterable[str] = ("rlnOpticsGroup",)) -> MetadataTable:
+    """Read and validate one RELION data block with its optics groups.
+
+    ``required`` columns must be in the data block, ``optics_required`` in the optics table; every
+    row's optics group must exist; numeric columns must be finite.  Pre-3.1 files (no optics block)
+    are converted to the 3.1 layout.
+    """
+    path = Path(path)
+    blocks = read_star(path)
+    if block not in blocks:
+        if len(blocks) == 1 and "" in blocks:
+            blocks = {block: blocks[""]}
+        else:
+            raise InputError(path, f"no data_{block} block (found: {', '.join('data_' + b for b in blocks)})",
+                             f"pass a STAR file of {block}")
+    df = blocks[block]
+    if "optics" in blocks:
+        optics = blocks["optics"]
+    else:
+        df, optics = _legacy_to_optics(df, block, path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"data_{block} is missing column(s) {', '.join(missing)}",
+                         "the file must come from a job that writes them (see RELION's conventions)")
+    missing = [c for c in optics_required if c not in optics.columns]
+    if missing:
+        raise InputError(path, f"data_optics is missing column(s) {', '.join(missing)}",
+                         "add them for every optics group")
+    if "rlnOpticsGroup" not in df.columns:
+        if len(optics) != 1:
+            raise InputError(path, f"data_{block} has no rlnOpticsGroup column but there are "
+                             f"{len(optics)} optics groups", "add rlnOpticsGroup to each row")
+        df = df.assign(rlnOpticsGroup=int(optics["rlnOpticsGroup"].iloc[0]))
+    known = set(optics["rlnOpticsGroup"].astype(int))
+    used = set(pd.unique(df["rlnOpticsGroup"].astype(int)))
+    unknown = sorted(used - known)
+    if unknown:
+        raise InputError(path, f"rows refer to optics group(s) {unknown} that data_optics does not define",
+                         f"defined groups are {sorted(known)}")
+    for name in df.columns:
+        col = df[name]
+        if pd.api.types.is_float_dtype(col) and not np.isfinite(col.to_numpy()).all():
+            bad = int(np.count_nonzero(~np.isfinite(col.to_numpy())))
+            raise InputError(path, f"column {name} has {bad} NaN or infinite value(s)",
+                             "fix or remove those rows")
+    extra = {k: v for k, v in blocks.items() if k not in (block, "optics")}
+    return MetadataTable(df.reset_index(drop=True), optics.reset_index(drop=True), block, path, extra)
+
+
+def read_particles(path: str | Path, required: Iterable[str] = ("rlnImageName",),
+                   optics_required: Iterable[str] = ("rlnOpticsGroup",)) -> MetadataTable:
+    """Read a particles STAR file (``data_optics`` + ``data_particles``), validated."""
+    return read_table(path, "particles", required, optics_required)
+
+
+def write_particles(path: str | Path, table: MetadataTable) -> None:
+    """Write a table (optics first) atomically."""
+    write_star(path, table.to_blocks())
+
+
+def make_optics(pixel_size: float, box: int | None = None, voltage: float = 300.0, cs: float = 2.7,
+                amplitude_contrast: float = 0.1, group: int = 1, original_pixel_size: float | None = None,
+                ctf_premultiplied: bool = False) -> pd.DataFrame:
+    """A one-row optics table as RELION's extraction writes it."""
+    row: dict[str, Any] = {
+        "rlnOpticsGroupName": f"opticsGroup{group}",
+        "rlnOpticsGroup": group,
+        "rlnMicrographOriginalPixelSize": original_pixel_size or pixel_size,
+        "rlnVoltage": voltage,
+        "rlnSphericalAberration": cs,
+        "rlnAmplitudeContrast": amplitude_contrast,
+    }
+    if box is not None:
+        row.update({"rlnImagePixelSize": pixel_size, "rlnImageSize": box, "rlnImageDimensionality": 2,
+                    "rlnCtfDataAreCtfPremultiplied": int(ctf_premultiplied)})
+    else:
+        row["rlnMicrographPixelSize"] = pixel_size
+    return pd.DataFrame([row])

@@ -1,0 +1,252 @@
+"""Fourier-space projection and back-projection, as RELION's Projector and BackProjector do it.
+
+A map of box N is gridding-corrected, zero-padded by ``padding`` (default 2) and transformed once; a
+projection with rotation A is then the central slice through that transform along the first rows of
+A, sampled with trilinear interpolation (bilinear for 2D images, used to rotate 2D references).
+Back-projection scatters image transforms (times CTF) and CTF^2 weights into padded data and weight
+grids with the same kernel; ``reconstruct`` divides the two and undoes the kernel's apodisation.
+
+Transforms are kept as half transforms (x >= 0), with Friedel's law used for x < 0.  Everything is
+vectorised over images (chunked to bound memory) and written against the array module of its inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from .backend import array_module
+from .fourier import centred_fft, centred_ifft, freq_grid
+
+# Samples processed per chunk; bounds the temporaries of gather/scatter to a few hundred MB.
+_CHUNK_SAMPLES = 1 << 22
+
+
+def padded_size(box: int, padding: float) -> int:
+    """RELION's padded box: round(padding * box) made even."""
+    p = int(round(padding * box))
+    return p + (p % 2)
+
+
+def gridding_kernel(box: int, padded: int, ndim: int, xp: Any) -> Any:
+    """Real-space apodisation of linear interpolation on the padded grid, centred at box//2.
+
+    The product over axes of sinc^2(x / padded); projection divides the map by it beforehand and
+    reconstruction divides the result by it afterwards.
+    """
+    x = (xp.arange(box, dtype=xp.float64) - box // 2) / padded
+    s = xp.sinc(x) ** 2
+    k = s
+    for _ in range(ndim - 1):
+        k = k[..., None] * s
+    return k.astype(xp.float32)
+
+
+def _slice_coords(size: int, rotations: Any, scale: float, r_max: float, xp: Any) -> tuple[Any, Any]:
+    """Padded-grid coordinates (B, size, size/2+1, D) of a central slice, and the in-radius mask."""
+    ky, kx = freq_grid((size, size), xp)
+    ky = ky.astype(xp.float32)
+    kx = kx.astype(xp.float32)
+    rows = xp.asarray(rotations, dtype=xp.float32)
+    # q_j = kx A[0, j] + ky A[1, j]; coordinates in map axis order (x, y[, z]).
+    q = kx[None, :, :, None] * rows[:, None, None, 0, :] + ky[None, :, :, None] * rows[:, None, None, 1, :]
+    mask = (kx * kx + ky * ky) <= r_max * r_max
+    return q * scale, mask
+
+
+def _corners(q: Any, ndim: int, centre: int, shape: tuple[int, ...]) -> tuple[Any, Any, list]:
+    """Friedel flip, then integer base indices and fractions in array axis order for ``q``."""
+    xp = array_module(q)
+    flip = q[..., 0] < 0
+    q = xp.where(flip[..., None], -q, q)
+    base, frac = [], []
+    for axis in range(ndim):  # array axis order: (z, y, x) <- reversed map order
+        c = q[..., ndim - 1 - axis]
+        if axis < ndim - 1:
+            c = c + centre
+        f = xp.floor(c)
+        i0 = xp.clip(f.astype(xp.int64), 0, shape[axis] - 2)
+        base.append(i0)
+        frac.append((c - f).astype(xp.float32))
+    strides = [math.prod(shape[a + 1:]) for a in range(ndim)]
+    out = []
+    for bits in itertools.product((0, 1), repeat=ndim):
+        w = 1.0
+        flat = 0
+        for axis, b in enumerate(bits):
+            w = w * (frac[axis] if b else 1.0 - frac[axis])
+            flat = flat + (base[axis] + b) * strides[axis]
+        out.append((flat, w))
+    return flip, out, strides
+
+
+class Projector:
+    """Projects a 3D map (or rotates a 2D image) through its padded Fourier transform.
+
+    ``data`` is an N^3 map or an N^2 image (real, centred at N//2).  ``project`` returns half
+    transforms (B, n, n/2+1) of the projections for rotation matrices (B, 3, 3) (or (B, 2, 2)),
+    unnormalised like ``numpy.fft.rfft2`` of the real-space projection; ``n`` defaults to N and a
+    smaller ``n`` crops in Fourier space (RELION's current image size).  ``gridding_correction``
+    pre-divides the map by the interpolation kernel's apodisation (RELION does; turn it off only to
+    compare exact on-grid slices).
+    """
+
+    def __init__(self, data: Any, padding: float = 2.0, r_max: float | None = None,
+                 gridding_correction: bool = True) -> None:
+        xp = array_module(data)
+        self.xp = xp
+        self.ndim = data.ndim
+        self.box = data.shape[-1]
+        self.padding = padding
+        self.padded = padded_size(self.box, padding)
+        self.r_max = self.box / 2 if r_max is None else float(r_max)
+        n, p = self.box, self.padded
+        corrected = xp.asarray(data, dtype=xp.float32)
+        if gridding_correction:
+            corrected = corrected / gridding_kernel(n, p, self.ndim, xp)
+        big = xp.zeros((p,) * self.ndim, dtype=xp.float32)
+        lo = p // 2 - n // 2
+        big[(slice(lo, lo + n),) * self.ndim] = corrected
+        ft = centred_fft(big, self.ndim).astype(xp.complex64)
+        ft = xp.fft.fftshift(ft, axes=tuple(range(self.ndim - 1)))
+        # One zero margin after every axis keeps the +1 corner of Nyquist samples in bounds.
+        self.shape = (p + 2,) * (self.ndim - 1) + (p // 2 + 2,)
+        grid = xp.zeros(self.shape, dtype=xp.complex64)
+        grid[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)] = ft
+        self.centre = p // 2
+        self.grid = grid.ravel()
+
+    def project(self, rotations: Any, size: int | None = None) -> Any:
+        """Fourier slices (B, n, n/2+1) complex64 for a batch of rotation matrices."""
+        xp = self.xp
+        size = size or self.box
+        rotations = xp.asarray(rotations, dtype=xp.float32).reshape(-1, self.ndim, self.ndim)
+        b = rotations.shape[0]
+        out = xp.empty((b, size, size // 2 + 1), dtype=xp.complex64)
+        r_max = min(self.r_max, size / 2)
+        per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1)))
+        for s in range(0, b, per):
+            q, inside = _slice_coords(size, rotations[s:s + per], self.padded / self.box, r_max, xp)
+            flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
+            acc = 0
+            for flat, w in corners:
+                acc = acc + w * self.grid[flat]
+            acc = xp.where(flip, xp.conj(acc), acc)
+            out[s:s + per] = acc * inside
+        return out
+
+    def project_images(self, rotations: Any) -> Any:
+        """Real-space projections (B, N, N) centred at N//2 (or rotated 2D images)."""
+        return centred_ifft(self.project(rotations), (self.box, self.box)).astype(self.xp.float32)
+
+
+class BackProjector:
+    """Accumulates CTF-weighted Fourier slices into padded data and weight grids.
+
+    ``insert`` adds w * CTF * X to the data and w * CTF^2 to the weights at the slice positions of
+    each image; ``reconstruct`` returns the N^3 map (or N^2 image) D / (W + 1/tau2), with Friedel
+    symmetry on the x = 0 plane and the gridding correction applied.
+    """
+
+    def __init__(self, box: int, ndim: int = 3, padding: float = 2.0, xp: Any = None,
+                 r_max: float | None = None) -> None:
+        import numpy as np
+
+        self.xp = xp or np
+        self.box, self.ndim, self.padding = box, ndim, padding
+        self.padded = padded_size(box, padding)
+        self.r_max = box / 2 if r_max is None else float(r_max)
+        p = self.padded
+        self.shape = (p + 2,) * (ndim - 1) + (p // 2 + 2,)
+        self.centre = p // 2
+        size = math.prod(self.shape)
+        self.data = self.xp.zeros(size, dtype=self.xp.complex64)
+        self.weight = self.xp.zeros(size, dtype=self.xp.float32)
+
+    def insert(self, images_ft: Any, rotations: Any, ctf: Any = None, weights: Any = None) -> None:
+        """Back-project half transforms (B, n, n/2+1) with rotations (B, D, D).
+
+        ``ctf`` (B, n, n/2+1) multiplies the data once and the weights twice; ``weights`` (B,) are
+        per-image factors (posterior probabilities, 1/sigma^2 scalings).
+        """
+        xp = self.xp
+        b, size = images_ft.shape[0], images_ft.shape[1]
+        rotations = xp.asarray(rotations, dtype=xp.float32).reshape(b, self.ndim, self.ndim)
+        r_max = min(self.r_max, size / 2)
+        per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1)))
+        n_flat = self.data.size
+        for s in range(0, b, per):
+            sl = slice(s, s + per)
+            x = images_ft[sl]
+            wgt = xp.ones(x.shape, dtype=xp.float32)
+            if ctf is not None:
+                x = x * ctf[sl]
+                wgt = wgt * ctf[sl] * ctf[sl]
+            if weights is not None:
+                w_img = xp.asarray(weights[sl], dtype=xp.float32)[:, None, None]
+                x = x * w_img
+                wgt = wgt * w_img
+            q, inside = _slice_coords(size, rotations[sl], self.padded / self.box, r_max, xp)
+            flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
+            x = xp.where(flip, xp.conj(x), x) * inside
+            wgt = wgt * inside
+            for flat, w in corners:
+                idx = flat.ravel()
+                wv = w.ravel()
+                self.data += (xp.bincount(idx, weights=(wv * x.real.ravel()), minlength=n_flat)
+                              + 1j * xp.bincount(idx, weights=(wv * x.imag.ravel()), minlength=n_flat)
+                              ).astype(xp.complex64)
+                self.weight += xp.bincount(idx, weights=(wv * wgt.ravel()), minlength=n_flat
+                                           ).astype(xp.float32)
+
+    def _grids(self) -> tuple[Any, Any]:
+        """Data and weight grids with Friedel symmetry imposed on the x = 0 plane."""
+        xp = self.xp
+        d = self.data.reshape(self.shape).copy()
+        w = self.weight.reshape(self.shape).copy()
+        p = self.padded
+        inner = (slice(0, p + 1),) * (self.ndim - 1) + (0,)
+        rev = (slice(None, None, -1),) * (self.ndim - 1)
+        d0, w0 = d[inner], w[inner]
+        d[inner] = d0 + xp.conj(d0[rev])
+        w[inner] = w0 + w0[rev]
+        return d, w
+
+    def reconstruct(self, tau2: Any = None, min_weight: float = 1e-6) -> Any:
+        """The map (N^3, or N^2) from the accumulated slices.
+
+        Without ``tau2`` each voxel is D/W where W exceeds ``min_weight`` times its maximum; with a
+        ``tau2`` array (per Fourier shell of the unpadded box, or a grid) the Wiener-like
+        D / (W + 1/tau2) of RELION's regularised maximisation is used.
+        """
+        xp = self.xp
+        d, w = self._grids()
+        p, n = self.padded, self.box
+        if tau2 is None:
+            ok = w > min_weight * float(w.max() if w.size else 0.0)
+            f = xp.where(ok, d / xp.where(ok, w, 1.0), 0.0)
+        else:
+            f = d / (w + 1.0 / xp.maximum(self._tau2_grid(tau2), 1e-30))
+        f = f[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)]
+        f = xp.fft.ifftshift(f, axes=tuple(range(self.ndim - 1)))
+        big = centred_ifft(f, (p,) * self.ndim)
+        lo = p // 2 - n // 2
+        vol = big[(slice(lo, lo + n),) * self.ndim]
+        return (vol / gridding_kernel(n, p, self.ndim, xp)).astype(xp.float32)
+
+    def _tau2_grid(self, tau2: Any) -> Any:
+        xp = self.xp
+        tau2 = xp.asarray(tau2, dtype=xp.float32)
+        if tau2.ndim == self.ndim:
+            return tau2
+        p = self.padded
+        grids = freq_grid((p,) * self.ndim, xp)
+        r2 = sum(g * g for g in grids)
+        r = xp.sqrt(r2) * (self.box / p)
+        shell = xp.clip(xp.round(r).astype(xp.int64), 0, tau2.size - 1)
+        t = tau2[shell]
+        t = xp.fft.fftshift(t, axes=tuple(range(self.ndim - 1)))
+        full = xp.zeros(self.shape, dtype=xp.float32)
+        full[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)] = t
+        return full
