@@ -81,3 +81,34 @@ def ndimage_module(xp: ModuleType) -> ModuleType:
 def as_float(a: Any, xp: ModuleType, dtype: Any = None) -> Any:
     """Move ``a`` to ``xp`` as float32 (or ``dtype``) without copying when it already is."""
     return xp.asarray(a, dtype=dtype or xp.float32)
+
+
+class _ThreadedScipyFFT:
+    """``scipy.fft`` with all cores and native float32 transforms, under NumPy's names."""
+
+    def __init__(self) -> None:
+        import functools
+        import os
+
+        import scipy.fft as sfft
+
+        workers = os.cpu_count() or 1
+        for name in ("rfftn", "irfftn", "fftn", "ifftn", "rfft2", "irfft2", "fft2", "ifft2"):
+            setattr(self, name, functools.partial(getattr(sfft, name), workers=workers))
+        self.fftshift = sfft.fftshift
+        self.ifftshift = sfft.ifftshift
+        self.fftfreq = sfft.fftfreq
+        self.rfftfreq = sfft.rfftfreq
+
+
+_SCIPY_FFT: _ThreadedScipyFFT | None = None
+
+
+def fft_module(xp: ModuleType) -> Any:
+    """FFT functions for ``xp``: threaded single-precision scipy.fft for NumPy, cupy.fft for CuPy."""
+    global _SCIPY_FFT
+    if xp is np:
+        if _SCIPY_FFT is None:
+            _SCIPY_FFT = _ThreadedScipyFFT()
+        return _SCIPY_FFT
+    return xp.fft

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import array_module
+from .backend import array_module, fft_module
 
 
 def freq_grid(shape: tuple[int, ...], xp: Any, half: bool = True) -> list[Any]:
@@ -25,7 +25,7 @@ def freq_grid(shape: tuple[int, ...], xp: Any, half: bool = True) -> list[Any]:
         if half and i == nd - 1:
             f = xp.arange(n // 2 + 1, dtype=xp.float32)
         else:
-            f = xp.fft.fftfreq(n, d=1.0 / n).astype(xp.float32)
+            f = fft_module(xp).fftfreq(n, d=1.0 / n).astype(xp.float32)
         sh = [1] * nd
         sh[i] = f.size
         grids.append(f.reshape(sh))
@@ -48,14 +48,14 @@ def centred_fft(images: Any, ndim: int) -> Any:
     """rfft over the last ``ndim`` axes of images centred at N//2 (origin moved to index 0)."""
     xp = array_module(images)
     axes = tuple(range(-ndim, 0))
-    return xp.fft.rfftn(xp.fft.ifftshift(images, axes=axes), axes=axes)
+    return fft_module(xp).rfftn(fft_module(xp).ifftshift(images, axes=axes), axes=axes)
 
 
 def centred_ifft(ft: Any, shape: tuple[int, ...]) -> Any:
     """Inverse of :func:`centred_fft`: real arrays of trailing ``shape`` centred at N//2."""
     xp = array_module(ft)
     axes = tuple(range(-len(shape), 0))
-    return xp.fft.fftshift(xp.fft.irfftn(ft, s=shape, axes=axes), axes=axes)
+    return fft_module(xp).fftshift(fft_module(xp).irfftn(ft, s=shape, axes=axes), axes=axes)
 
 
 def phase_shift_2d(ft: Any, shifts: Any, box: int) -> Any:
@@ -118,7 +118,7 @@ def resize_fourier(data: Any, new_box: int, ndim: int) -> Any:
     old = data.shape[-1]
     if new_box == old:
         return data
-    ft = xp.fft.fftshift(xp.fft.fftn(xp.fft.ifftshift(data, axes=tuple(range(-ndim, 0))),
+    ft = fft_module(xp).fftshift(fft_module(xp).fftn(fft_module(xp).ifftshift(data, axes=tuple(range(-ndim, 0))),
                                      axes=tuple(range(-ndim, 0))), axes=tuple(range(-ndim, 0)))
     lead = data.shape[:-ndim]
     out = xp.zeros(lead + (new_box,) * ndim, dtype=ft.dtype)
@@ -126,7 +126,7 @@ def resize_fourier(data: Any, new_box: int, ndim: int) -> Any:
     src = tuple(slice(old // 2 - m // 2, old // 2 - m // 2 + m) for _ in range(ndim))
     dst = tuple(slice(new_box // 2 - m // 2, new_box // 2 - m // 2 + m) for _ in range(ndim))
     out[(...,) + dst] = ft[(...,) + src]
-    res = xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(out, axes=tuple(range(-ndim, 0))),
+    res = fft_module(xp).fftshift(fft_module(xp).ifftn(fft_module(xp).ifftshift(out, axes=tuple(range(-ndim, 0))),
                                        axes=tuple(range(-ndim, 0))), axes=tuple(range(-ndim, 0)))
     scale = (new_box / old) ** ndim
     return (res.real * scale).astype(data.dtype)

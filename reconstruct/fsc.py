@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import array_module, fft_module, to_numpy
 from .fourier import radius_grid
 
 
@@ -32,8 +32,8 @@ def fsc(map1: Any, map2: Any, ndim: int | None = None) -> np.ndarray:
     ndim = ndim or map1.ndim
     shape = map1.shape[-ndim:]
     axes = tuple(range(-ndim, 0))
-    fa = xp.fft.rfftn(xp.asarray(map1, dtype=xp.float32), axes=axes)
-    fb = xp.fft.rfftn(xp.asarray(map2, dtype=xp.float32), axes=axes)
+    fa = fft_module(xp).rfftn(xp.asarray(map1, dtype=xp.float32), axes=axes)
+    fb = fft_module(xp).rfftn(xp.asarray(map2, dtype=xp.float32), axes=axes)
     lead = map1.shape[:-ndim]
     n_batch = int(np.prod(lead)) if lead else 1
     n_shells = shape[-1] // 2 + 1

@@ -16,7 +16,7 @@ import itertools
 import math
 from typing import Any
 
-from .backend import array_module
+from .backend import array_module, fft_module
 from .fourier import centred_fft, centred_ifft, freq_grid
 
 # Samples processed per chunk; bounds the temporaries of gather/scatter to a few hundred MB.
@@ -25,7 +25,7 @@ _CHUNK_SAMPLES = 1 << 22
 
 def padded_size(box: int, padding: float) -> int:
     """RELION's padded box: round(padding * box) made even."""
-    p = int(round(padding * box))
+    p = round(padding * box)
     return p + (p % 2)
 
 
@@ -81,6 +81,16 @@ def _corners(q: Any, ndim: int, centre: int, shape: tuple[int, ...]) -> tuple[An
     return flip, out, strides
 
 
+def _scatter_add(xp: Any, target: Any, idx: Any, values: Any) -> None:
+    """target[idx] += values with repeated indices summed (NumPy ufunc.at or CuPy's scatter_add)."""
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(target, idx, values.astype(target.dtype))
+    else:
+        xp.add.at(target, idx, values.astype(target.dtype))
+
+
 class Projector:
     """Projects a 3D map (or rotates a 2D image) through its padded Fourier transform.
 
@@ -109,7 +119,7 @@ class Projector:
         lo = p // 2 - n // 2
         big[(slice(lo, lo + n),) * self.ndim] = corrected
         ft = centred_fft(big, self.ndim).astype(xp.complex64)
-        ft = xp.fft.fftshift(ft, axes=tuple(range(self.ndim - 1)))
+        ft = fft_module(xp).fftshift(ft, axes=tuple(range(self.ndim - 1)))
         # One zero margin after every axis keeps the +1 corner of Nyquist samples in bounds.
         self.shape = (p + 2,) * (self.ndim - 1) + (p // 2 + 2,)
         grid = xp.zeros(self.shape, dtype=xp.complex64)
@@ -150,10 +160,14 @@ class BackProjector:
     """
 
     def __init__(self, box: int, ndim: int = 3, padding: float = 2.0, xp: Any = None,
-                 r_max: float | None = None) -> None:
+                 r_max: float | None = None, symmetry: str = "C1") -> None:
         import numpy as np
 
+        from .symmetry import symmetry_operators
+
         self.xp = xp or np
+        # An image with pose A of a map with symmetry R_g is also one with pose A R_g^T.
+        self.sym_ops = symmetry_operators(symmetry, self.xp).astype(self.xp.float32) if ndim == 3 else None
         self.box, self.ndim, self.padding = box, ndim, padding
         self.padded = padded_size(box, padding)
         self.r_max = box / 2 if r_max is None else float(r_max)
@@ -173,9 +187,15 @@ class BackProjector:
         xp = self.xp
         b, size = images_ft.shape[0], images_ft.shape[1]
         rotations = xp.asarray(rotations, dtype=xp.float32).reshape(b, self.ndim, self.ndim)
+        if self.sym_ops is not None and self.sym_ops.shape[0] > 1:
+            g = self.sym_ops.shape[0]
+            rotations = (rotations[:, None] @ xp.swapaxes(self.sym_ops, 1, 2)[None]).reshape(-1, 3, 3)
+            images_ft = xp.repeat(images_ft, g, axis=0)
+            ctf = None if ctf is None else xp.repeat(ctf, g, axis=0)
+            weights = None if weights is None else xp.repeat(xp.asarray(weights), g, axis=0)
+            b = b * g
         r_max = min(self.r_max, size / 2)
         per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1)))
-        n_flat = self.data.size
         for s in range(0, b, per):
             sl = slice(s, s + per)
             x = images_ft[sl]
@@ -191,14 +211,15 @@ class BackProjector:
             flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
             x = xp.where(flip, xp.conj(x), x) * inside
             wgt = wgt * inside
-            for flat, w in corners:
-                idx = flat.ravel()
-                wv = w.ravel()
-                self.data += (xp.bincount(idx, weights=(wv * x.real.ravel()), minlength=n_flat)
-                              + 1j * xp.bincount(idx, weights=(wv * x.imag.ravel()), minlength=n_flat)
-                              ).astype(xp.complex64)
-                self.weight += xp.bincount(idx, weights=(wv * wgt.ravel()), minlength=n_flat
-                                           ).astype(xp.float32)
+            # All corners in one scatter: no full-grid temporaries, one pass per accumulator.
+            idx = xp.concatenate([flat.ravel() for flat, _ in corners])
+            w = xp.concatenate([w.ravel() for _, w in corners])
+            xr = xp.tile(x.real.ravel(), len(corners)) * w
+            xi = xp.tile(x.imag.ravel(), len(corners)) * w
+            data_f = self.data.view(xp.float32)
+            _scatter_add(xp, data_f, 2 * idx, xr)
+            _scatter_add(xp, data_f, 2 * idx + 1, xi)
+            _scatter_add(xp, self.weight, idx, xp.tile(wgt.ravel(), len(corners)) * w)
 
     def _grids(self) -> tuple[Any, Any]:
         """Data and weight grids with Friedel symmetry imposed on the x = 0 plane."""
@@ -229,7 +250,7 @@ class BackProjector:
         else:
             f = d / (w + 1.0 / xp.maximum(self._tau2_grid(tau2), 1e-30))
         f = f[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)]
-        f = xp.fft.ifftshift(f, axes=tuple(range(self.ndim - 1)))
+        f = fft_module(xp).ifftshift(f, axes=tuple(range(self.ndim - 1)))
         big = centred_ifft(f, (p,) * self.ndim)
         lo = p // 2 - n // 2
         vol = big[(slice(lo, lo + n),) * self.ndim]
@@ -246,7 +267,7 @@ class BackProjector:
         r = xp.sqrt(r2) * (self.box / p)
         shell = xp.clip(xp.round(r).astype(xp.int64), 0, tau2.size - 1)
         t = tau2[shell]
-        t = xp.fft.fftshift(t, axes=tuple(range(self.ndim - 1)))
+        t = fft_module(xp).fftshift(t, axes=tuple(range(self.ndim - 1)))
         full = xp.zeros(self.shape, dtype=xp.float32)
         full[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)] = t
         return full

@@ -92,7 +92,8 @@ def _generators(name: str) -> list[np.ndarray]:
             raise ValueError(f"unknown symmetry group {name!r}")
     else:
         raise ValueError(
-            f"unknown symmetry group {name!r}: use C1, Cn, Ci, Cs, Cnv, Cnh, Sn, Dn, Dnv, Dnh, T, Td, Th, O, Oh, I, I1-I4"
+            f"unknown symmetry group {name!r}: use C1, Cn, Ci, Cs, Cnv, Cnh, Sn, Dn, Dnv, Dnh, "
+            "T, Td, Th, O, Oh, I, I1-I4 or their h variants"
         )
     out = []
     for gen in gens:

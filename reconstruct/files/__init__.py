@@ -6,8 +6,8 @@ from .stack import ImageSource, parse_image_name
 from .star import ParticleTable, read_particles, read_star, write_particles, write_star
 
 __all__ = [
-    "InputError",
     "ImageSource",
+    "InputError",
     "ParticleTable",
     "parse_image_name",
     "read_map",

@@ -69,7 +69,7 @@ def read_mrc_header(path: str | Path) -> MrcHeader:
 def read_map(path: str | Path, check_finite: bool = True) -> tuple[np.ndarray, float]:
     """A map, image or whole stack as float32 [z|n, y, x] (or [y, x]) and its pixel size in Å."""
     with _open(path, mmap=False) as mrc:
-        data = np.asarray(mrc.data, dtype=np.float32)
+        data = np.array(mrc.data, dtype=np.float32)
         px = _pixel_size(mrc)
     if check_finite and not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))

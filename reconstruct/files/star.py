@@ -165,8 +165,8 @@ def read_table(path: str | Path, block: str = "particles", required: Iterable[st
             raise InputError(path, f"data_{block} has no rlnOpticsGroup column but there are "
                              f"{len(optics)} optics groups", "add rlnOpticsGroup to each row")
         df = df.assign(rlnOpticsGroup=int(optics["rlnOpticsGroup"].iloc[0]))
-    known = set(optics["rlnOpticsGroup"].astype(int))
-    used = set(pd.unique(df["rlnOpticsGroup"].astype(int)))
+    known = {int(g) for g in optics["rlnOpticsGroup"]}
+    used = {int(g) for g in pd.unique(df["rlnOpticsGroup"])}
     unknown = sorted(used - known)
     if unknown:
         raise InputError(path, f"rows refer to optics group(s) {unknown} that data_optics does not define",

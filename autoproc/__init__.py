@@ -1,0 +1,1 @@
+"""The automated pipeline: Schemes engine, job runners, EMPIAR client, built-in demo data, report."""

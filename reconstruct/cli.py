@@ -1,0 +1,233 @@
+"""``reconstruct``: command-line entry to the numerical core and its jobs.
+
+Each subcommand is a thin layer: it parses options (RELION's names where RELION has the option),
+builds an options object and calls a driver.  Errors in the user's input end the program with one
+clear message and exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .backend import GPUUnavailableError
+from .files.errors import InputError
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+log = logging.getLogger("reconstruct")
+
+
+def _gpu_flag(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
+                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
+    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
+                   help="use a GPU when one is present, else the CPU")
+
+
+def _cmd_project(a: argparse.Namespace) -> None:
+    from .project_job import ProjectOptions, project_particles
+
+    project_particles(ProjectOptions(Path(a.i), Path(a.ang), Path(a.o), a.ctf, a.pad, a.white_noise,
+                                     a.batch, a.seed, a.gpu))
+
+
+def _cmd_backproject(a: argparse.Namespace) -> None:
+    from .reconstruct_job import ReconstructOptions, reconstruct_particles
+
+    reconstruct_particles(ReconstructOptions(Path(a.i), Path(a.o), not a.no_ctf, a.sym, a.pad, a.maxres,
+                                             a.subset, a.cls, a.batch, Path(a.project_dir) if a.project_dir else None,
+                                             a.gpu))
+
+
+def _cmd_fsc(a: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .files.mrc import read_map
+    from .files.star import write_star
+    from .fsc import fsc, resolution_at, shell_resolutions
+
+    m1, p1 = read_map(a.map1)
+    m2, p2 = read_map(a.map2)
+    if m1.shape != m2.shape:
+        raise InputError(a.map2, f"shape {m2.shape} differs from {a.map1}'s {m1.shape}")
+    px = a.angpix if a.angpix > 0 else (p1 or p2)
+    if px <= 0:
+        raise InputError(a.map1, "the header has no pixel size", "pass --angpix")
+    if p1 and p2 and abs(p1 - p2) > 0.01 * p1:
+        raise InputError(a.map2, f"pixel size {p2:.4f} Å differs from {a.map1}'s {p1:.4f} Å")
+    curve = fsc(m1, m2)
+    box = m1.shape[-1]
+    for t in (0.5, 0.143):
+        r = resolution_at(curve, box, px, t)
+        print(f"FSC = {t:<5g} at {r.angstrom:.2f} Å (shell {r.shell})")
+    if a.o:
+        k = shell_resolutions(box, px)
+        with np.errstate(divide="ignore"):
+            ang = np.where(k > 0, 1 / np.maximum(k, 1e-12), 999.0)
+        write_star(a.o, {"fsc": pd.DataFrame({"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": k,
+                                              "rlnAngstromResolution": ang,
+                                              "rlnFourierShellCorrelation": curve})})
+    if a.plot:
+        from .plots import plot_fsc
+
+        plot_fsc({f"{Path(a.map1).name} vs {Path(a.map2).name}": curve}, box, px, a.plot)
+
+
+def _cmd_mask(a: argparse.Namespace) -> None:
+    from .files.mrc import read_map, write_map
+    from .masks import soft_sphere, threshold_mask
+
+    vol, px = read_map(a.i)
+    px = a.angpix if a.angpix > 0 else px
+    if a.sphere > 0:
+        mask = soft_sphere(vol.shape, a.sphere / (2 * px), a.soft_edge)
+    else:
+        if a.threshold is None:
+            raise InputError(a.i, "give --ini_threshold (density level) or --sphere (diameter in Å)")
+        mask = threshold_mask(vol, a.threshold, a.extend_inimask, a.width_soft_edge)
+    write_map(a.o, mask, px)
+    print(f"mask written to {a.o}: {float(mask.sum()):.0f} voxels inside (soft-edge weighted)")
+
+
+def _cmd_symmetry(a: argparse.Namespace) -> None:
+    from .geometry import matrix_to_euler
+    from .symmetry import symmetry_operators
+
+    ops = symmetry_operators(a.sym)
+    print(f"symmetry group {a.sym.upper()}: {len(ops)} operators")
+    for i, r in enumerate(ops, 1):
+        rot, tilt, psi = (float(v) for v in matrix_to_euler(r)) if np.linalg.det(r) > 0 else (np.nan,) * 3
+        print(f" R({i}) = {np.array2string(r, precision=5, suppress_small=True).replace(chr(10), ' ')}"
+              f"  Euler: {rot:.3f} {tilt:.3f} {psi:.3f}")
+
+
+def _cmd_simulate(a: argparse.Namespace) -> None:
+    from .simulate import MovieSimulation, ParticleSimulation, atomic_model_map, simulate_movies, simulate_particles
+
+    models = a.model
+    if a.kind == "particles":
+        maps = [atomic_model_map(m, a.box, a.angpix) for m in models]
+        cfg = ParticleSimulation(n_particles=a.n, box=a.box, pixel_size=a.angpix, snr=a.snr,
+                                 junk_fraction=a.junk_fraction, seed=a.seed, max_offset=a.max_offset,
+                                 particle_diameter=a.particle_diameter)
+        truth = simulate_particles(maps, cfg, a.o)
+        print(f"wrote {len(truth.table)} particles: {truth.particles_star} (truth in {Path(a.o) / 'truth'})")
+    else:
+        maps = [atomic_model_map(m, a.box, a.angpix) for m in models]
+        cfg = MovieSimulation(n_movies=a.n, size=a.size, pixel_size=a.angpix, n_frames=a.frames, snr=a.snr,
+                              seed=a.seed, particle_diameter=a.particle_diameter or 0.7 * a.box * a.angpix)
+        simulate_movies(maps, a.angpix, cfg, a.o)
+        print(f"wrote {a.n} movies and {Path(a.o) / 'movies.star'} (truth in {Path(a.o) / 'truth'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``reconstruct`` argument parser with all subcommands."""
+    p = argparse.ArgumentParser(prog="reconstruct", formatter_class=HELP_FORMAT,
+                                description="RELION-compatible cryo-EM reconstruction tools "
+                                            "(NumPy on CPU, CuPy on GPU).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("project", formatter_class=HELP_FORMAT,
+                       help="project a map for the poses/CTFs of a STAR file (like relion_project)",
+                       description="Project a 3D map into one image per particle row of a STAR file, using "
+                                   "its Euler angles, origin offsets and (with --ctf) CTF parameters. "
+                                   "Writes ROOT.mrcs and ROOT.star.")
+    s.add_argument("--i", required=True, help="input 3D map (.mrc)")
+    s.add_argument("--ang", required=True, help="particle STAR file with rlnAngleRot/Tilt/Psi (and CTF columns)")
+    s.add_argument("--o", default="proj", help="output root name")
+    s.add_argument("--ctf", action="store_true", help="multiply the projections by each particle's CTF")
+    s.add_argument("--pad", type=float, default=2.0, help="padding factor of the Fourier-space projector")
+    s.add_argument("--white_noise", type=float, default=0.0, help="standard deviation of Gaussian noise to add")
+    s.add_argument("--batch", type=int, default=256, help="images projected per batch")
+    s.add_argument("--seed", type=int, default=0, help="random seed for the noise")
+    _gpu_flag(s)
+    s.set_defaults(func=_cmd_project)
+
+    s = sub.add_parser("backproject", formatter_class=HELP_FORMAT,
+                       help="reconstruct a map from posed particles (like relion_reconstruct)",
+                       description="Direct Fourier reconstruction from particles with known orientations: "
+                                   "CTF-weighted back-projection, gridding correction, optional symmetry.")
+    s.add_argument("--i", required=True, help="particle STAR file with orientations")
+    s.add_argument("--o", required=True, help="output map (.mrc)")
+    s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
+    s.add_argument("--sym", default="C1", help="point group (C1, Cn, Dn, T, O, I, ...)")
+    s.add_argument("--pad", type=float, default=2.0, help="padding factor")
+    s.add_argument("--maxres", type=float, default=-1.0, help="highest resolution to include (Å); -1: Nyquist")
+    s.add_argument("--subset", type=int, default=0, choices=(0, 1, 2), help="use only this rlnRandomSubset (0: all)")
+    s.add_argument("--class", dest="cls", type=int, default=-1, help="use only this rlnClassNumber (-1: all)")
+    s.add_argument("--batch", type=int, default=256, help="images read and inserted per batch")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _gpu_flag(s)
+    s.set_defaults(func=_cmd_backproject)
+
+    s = sub.add_parser("fsc", formatter_class=HELP_FORMAT, help="FSC between two maps and the resolution",
+                       description="Fourier shell correlation of two maps; prints the resolution at 0.5 "
+                                   "and 0.143 and optionally writes the curve as STAR and PNG.")
+    s.add_argument("map1", help="first map (e.g. half map 1)")
+    s.add_argument("map2", help="second map (e.g. half map 2, or the truth)")
+    s.add_argument("--angpix", type=float, default=-1.0, help="pixel size in Å (-1: from the header)")
+    s.add_argument("--o", default=None, help="write the FSC table to this STAR file")
+    s.add_argument("--plot", default=None, help="write the FSC curve to this PNG file")
+    s.set_defaults(func=_cmd_fsc)
+
+    s = sub.add_parser("mask", formatter_class=HELP_FORMAT, help="make a soft mask (like relion_mask_create)",
+                       description="A soft mask from a density threshold (binarise, extend, cosine edge) or a sphere.")
+    s.add_argument("--i", required=True, help="input map")
+    s.add_argument("--o", default="mask.mrc", help="output mask")
+    s.add_argument("--ini_threshold", dest="threshold", type=float, default=None, help="density threshold")
+    s.add_argument("--extend_inimask", type=float, default=3.0, help="pixels to grow the binary mask by")
+    s.add_argument("--width_soft_edge", type=float, default=6.0, help="width of the cosine edge in pixels")
+    s.add_argument("--sphere", type=float, default=-1.0, help="instead, a sphere of this diameter (Å)")
+    s.add_argument("--soft_edge", type=float, default=3.0, help="edge width (px) of the sphere")
+    s.add_argument("--angpix", type=float, default=-1.0, help="pixel size in Å (-1: from the header)")
+    s.set_defaults(func=_cmd_mask)
+
+    s = sub.add_parser("symmetry", formatter_class=HELP_FORMAT, help="print a point group's operators",
+                       description="Print the operators of a point group in RELION's conventions "
+                                   "(as relion_refine --print_symmetry_ops).")
+    s.add_argument("--sym", required=True, help="point group, e.g. C4, D2, T, O, I, I3")
+    s.set_defaults(func=_cmd_symmetry)
+
+    s = sub.add_parser("simulate", formatter_class=HELP_FORMAT, help="simulate data with known ground truth",
+                       description="Simulate extracted particles, or micrograph movies, from atomic models "
+                                   "(PDB/mmCIF). Writes a RELION-style project and truth/ beside it.")
+    s.add_argument("kind", choices=("particles", "movies"), help="what to simulate")
+    s.add_argument("--model", required=True, nargs="+", help="atomic model(s); several give a heterogeneous set")
+    s.add_argument("--o", required=True, help="output project directory")
+    s.add_argument("--n", type=int, default=1000, help="number of particles (or movies)")
+    s.add_argument("--box", type=int, default=64, help="particle box in pixels")
+    s.add_argument("--angpix", type=float, default=3.0, help="pixel size in Å")
+    s.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (variance ratio in the particle)")
+    s.add_argument("--junk_fraction", type=float, default=0.0, help="fraction of junk particles (particles only)")
+    s.add_argument("--max_offset", type=float, default=6.0, help="largest true origin offset in Å (particles only)")
+    s.add_argument("--particle_diameter", type=float, default=None, help="particle diameter in Å")
+    s.add_argument("--size", type=int, default=512, help="micrograph edge in pixels (movies only)")
+    s.add_argument("--frames", type=int, default=16, help="frames per movie (movies only)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic for a seed)")
+    s.set_defaults(func=_cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``reconstruct`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (InputError, GPUUnavailableError, MemoryError, ValueError) as err:
+        print(f"reconstruct {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

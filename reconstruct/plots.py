@@ -1,0 +1,46 @@
+"""Plots people look at instead of tables: FSC curves (PNG, via matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .files.atomic import atomic_path
+
+
+def plot_fsc(curves: Mapping[str, np.ndarray], box: int, pixel_size: float, out: str | Path,
+             thresholds: tuple[float, ...] = (0.143, 0.5), title: str = "Fourier shell correlation") -> Path:
+    """Write FSC curves against spatial frequency, with threshold lines and Å tick labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for label, curve in curves.items():
+        k = np.arange(len(curve)) / (box * pixel_size)
+        ax.plot(k, curve, label=label, lw=1.6)
+    for t in thresholds:
+        ax.axhline(t, color="grey", lw=0.8, ls="--")
+        ax.text(0.0, t + 0.01, f"{t:g}", color="grey", fontsize=8)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title(title)
+    nyquist = 0.5 / pixel_size
+    ax.set_xlim(0, nyquist)
+    top = ax.twiny()
+    top.set_xlim(0, nyquist)
+    ticks = np.linspace(0, nyquist, 6)[1:]
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{1 / t:.1f}" for t in ticks])
+    top.set_xlabel("resolution (Å)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

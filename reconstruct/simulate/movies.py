@@ -1,0 +1,136 @@
+"""Simulated micrograph movies: particles at known coordinates, drift, dose, CTF and noise.
+
+Writes an Import-style project: ``Movies/*.mrcs`` (frames as an MRC stack), ``movies.star`` with the
+optics group, and ``truth/`` with per-micrograph coordinates (RELION ``*_autopick.star`` layout),
+per-frame drift (pixels) and defoci.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..backend import fft_module
+from ..ctf import Optics, ctf_2d
+from ..files.mrc import write_map, write_stack
+from ..files.star import write_star
+from ..fourier import centred_fft, centred_ifft, phase_shift_2d
+from ..geometry import matrix_to_euler, random_rotations
+from ..projector import Projector
+from .noise import coloured_noise, noise_spectrum
+
+
+@dataclass
+class MovieSimulation:
+    """Parameters of simulated movies (defaults: small and fast)."""
+
+    n_movies: int = 2
+    size: int = 512  # micrograph edge in pixels
+    pixel_size: float = 1.5  # Å
+    n_frames: int = 16
+    dose_per_frame: float = 1.5  # e/Å^2
+    particles_per_movie: int = 20
+    particle_diameter: float = 120.0  # Å, minimum distance between particle centres
+    snr: float = 0.05  # per-particle signal variance / noise variance of the summed micrograph
+    defocus_range: tuple[float, float] = (10000.0, 25000.0)
+    max_astigmatism: float = 600.0
+    drift_step: float = 0.6  # px per frame, standard deviation of the random walk's steps
+    bfactor: float = 40.0
+    optics: Optics = field(default_factory=Optics)
+    seed: int = 0
+
+
+def _place(size: int, n: int, min_dist: float, margin: float, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``n`` coordinates at least ``min_dist`` apart (dart throwing, batched proposals)."""
+    pts = np.empty((0, 2))
+    for _ in range(50):
+        cand = rng.uniform(margin, size - margin, (4 * n, 2))
+        for c in cand:  # acceptance is sequential by nature; n is small (tens per micrograph)
+            if len(pts) >= n:
+                return pts
+            if len(pts) == 0 or np.min(np.hypot(*(pts - c).T)) >= min_dist:
+                pts = np.vstack([pts, c])
+    return pts
+
+
+def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: MovieSimulation,
+                    out_dir: str | Path) -> pd.DataFrame:
+    """Write ``cfg.n_movies`` movies and their truth; returns the per-particle truth table."""
+    out = Path(out_dir)
+    rng = np.random.default_rng(cfg.seed)
+    size, px = cfg.size, cfg.pixel_size
+    box = maps[0].shape[0]
+    if abs(map_pixel_size - px) > 1e-3:
+        raise ValueError("maps must be sampled at the movie pixel size (simulate the map at that pixel size)")
+    projectors = [Projector(np.asarray(m, np.float32)) for m in maps]
+    amp = noise_spectrum(size, px)
+    rows = []
+    movie_rows = []
+    for mv in range(cfg.n_movies):  # movies are independent files; each is vectorised inside
+        coords = _place(size, cfg.particles_per_movie, cfg.particle_diameter / px, box / 2 + 1, rng)
+        k = len(coords)
+        mats = random_rotations(k, rng)
+        which = rng.integers(0, len(maps), k)
+        proj = np.zeros((k, box, box), np.float32)
+        for i, pr in enumerate(projectors):
+            sel = np.nonzero(which == i)[0]
+            if sel.size:
+                proj[sel] = pr.project_images(mats[sel])
+        # Sum the patches into the micrograph with one scatter-add.
+        ij = np.rint(coords).astype(int)
+        frac = coords - ij
+        proj = centred_ifft(phase_shift_2d(centred_fft(proj, 2), frac, box), (box, box))
+        oy, ox = np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")
+        yy = (ij[:, 1, None, None] + oy[None]).ravel()
+        xx = (ij[:, 0, None, None] + ox[None]).ravel()
+        mic = np.bincount(yy * size + xx, weights=proj.ravel(), minlength=size * size).reshape(size, size)
+        mean_def = rng.uniform(*cfg.defocus_range)
+        astig = rng.uniform(0, cfg.max_astigmatism)
+        ang = rng.uniform(0, 180)
+        du, dv = mean_def + astig / 2, mean_def - astig / 2
+        ctf = ctf_2d(size, px, du, dv, ang, cfg.optics, bfactor=cfg.bfactor)[0]
+        signal_ft = fft_module(np).rfft2(mic) * ctf
+        signal = fft_module(np).irfft2(signal_ft, s=(size, size))
+        patch_var = float(np.var(proj)) if k else 1.0
+        sigma_total = np.sqrt(patch_var / cfg.snr)
+        # Drift: a random walk, frame 0 at the origin; each frame carries 1/n of the signal.
+        steps = rng.normal(0, cfg.drift_step, (cfg.n_frames, 2))
+        steps[0] = 0
+        drift = np.cumsum(steps, axis=0)
+        drift -= drift[cfg.n_frames // 2]
+        frames_ft = np.repeat(signal_ft[None] / cfg.n_frames, cfg.n_frames, axis=0)
+        frames = fft_module(np).irfft2(phase_shift_2d(frames_ft, drift, size), s=(size, size))
+        frames += coloured_noise(cfg.n_frames, size, amp, rng, sigma_total / np.sqrt(cfg.n_frames))
+        # Contrast as recorded: protein dark on a positive background of counts.
+        frames = (-frames + 0.0).astype(np.float32)
+        name = f"Movies/movie_{mv + 1:04d}.mrcs"
+        write_stack(out / name, frames, px)
+        movie_rows.append({"rlnMicrographMovieName": name, "rlnOpticsGroup": 1})
+        rot, tilt, psi = matrix_to_euler(mats)
+        for i in range(k):
+            rows.append({"movie": name, "rlnCoordinateX": coords[i, 0], "rlnCoordinateY": coords[i, 1],
+                         "rlnAngleRot": rot[i], "rlnAngleTilt": tilt[i], "rlnAnglePsi": psi[i],
+                         "map_index": int(which[i]), "rlnDefocusU": du, "rlnDefocusV": dv,
+                         "rlnDefocusAngle": ang})
+        stem = Path(name).stem
+        write_star(out / "truth" / "coords" / f"{stem}_autopick.star", {
+            "": pd.DataFrame({"rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1],
+                              "rlnClassNumber": 0, "rlnAutopickFigureOfMerit": 1.0, "rlnAnglePsi": -999.0})})
+        pd.DataFrame({"frame": np.arange(cfg.n_frames) + 1, "shift_x_px": drift[:, 0],
+                      "shift_y_px": drift[:, 1]}).to_csv(out / "truth" / f"{stem}_drift.csv", index=False)
+        del signal
+    optics = pd.DataFrame([{
+        "rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1, "rlnMicrographOriginalPixelSize": px,
+        "rlnVoltage": cfg.optics.voltage, "rlnSphericalAberration": cfg.optics.cs,
+        "rlnAmplitudeContrast": cfg.optics.amplitude_contrast,
+    }])
+    write_star(out / "movies.star", {"optics": optics, "movies": pd.DataFrame(movie_rows)})
+    truth = pd.DataFrame(rows)
+    truth.to_csv(out / "truth" / "particles_truth.csv", index=False)
+    for i, m in enumerate(maps):
+        write_map(out / "truth" / f"map_{i:02d}.mrc", m, px)
+    return truth
