@@ -43,6 +43,15 @@ def gridding_kernel(box: int, padded: int, ndim: int, xp: Any) -> Any:
     return k.astype(xp.float32)
 
 
+def _padded_kernel(padded: int, ndim: int, xp: Any) -> Any:
+    """The interpolation kernel's real-space apodisation over the whole padded box, origin at index 0."""
+    s = xp.sinc(fft_module(xp).fftfreq(padded).astype(xp.float64)) ** 2  # sinc^2(x / padded)
+    k = s
+    for _ in range(ndim - 1):
+        k = k[..., None] * s
+    return k.astype(xp.float32)
+
+
 def _slice_coords(size: int, rotations: Any, scale: float, r_max: float, xp: Any) -> tuple[Any, Any]:
     """Padded-grid coordinates (B, size, size/2+1, D) of a central slice, and the in-radius mask."""
     ky, kx = freq_grid((size, size), xp)
@@ -234,24 +243,38 @@ class BackProjector:
         w[inner] = w0 + w0[rev]
         return d, w
 
-    def reconstruct(self, tau2: Any = None, min_weight: float = 1e-6) -> Any:
+    def reconstruct(self, tau2: Any = None, min_weight: float = 1e-6, gridding_iterations: int = 10) -> Any:
         """The map (N^3, or N^2) from the accumulated slices.
 
-        Without ``tau2`` each voxel is D/W where W exceeds ``min_weight`` times its maximum; with a
-        ``tau2`` array (per Fourier shell of the unpadded box, or a grid) the Wiener-like
-        D / (W + 1/tau2) of RELION's regularised maximisation is used.
+        With ``gridding_iterations`` > 0 (RELION's default, 10) the data are weighted by Pipe-Menon
+        density-compensation weights w, iterated until (W w) convolved with the interpolation kernel
+        is 1 wherever there are data; this keeps amplitudes right where the slices sample the grid
+        unevenly (low frequencies).  With 0 the data are simply divided by the weights.  A ``tau2``
+        array (per Fourier shell of the unpadded box) adds RELION's regularisation 1/tau2 to W.
+        Voxels whose weight is below ``min_weight`` times the largest are zero.
         """
         xp = self.xp
+        fft = fft_module(xp)
         d, w = self._grids()
         p, n = self.padded, self.box
-        if tau2 is None:
-            ok = w > min_weight * float(w.max() if w.size else 0.0)
-            f = xp.where(ok, d / xp.where(ok, w, 1.0), 0.0)
+        core = (slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)
+        axes = tuple(range(self.ndim - 1))
+        d = fft.ifftshift(d[core], axes=axes)
+        w = fft.ifftshift(w[core], axes=axes)
+        if tau2 is not None:
+            w = w + 1.0 / xp.maximum(fft.ifftshift(self._tau2_grid(tau2)[core], axes=axes), 1e-30)
+        valid = w > min_weight * float(w.max() if w.size else 0.0)
+        if gridding_iterations > 0:
+            shape = (p,) * self.ndim
+            kernel = _padded_kernel(p, self.ndim, xp)
+            wt = valid.astype(xp.float32)
+            for _ in range(gridding_iterations):  # a fixed handful of whole-grid FFT pairs
+                conv = fft.rfftn(fft.irfftn(w * wt, s=shape) * kernel)
+                wt = xp.where(valid, wt / xp.maximum(xp.abs(conv), 1e-12), 0.0).astype(xp.float32)
+            f = d * wt
         else:
-            f = d / (w + 1.0 / xp.maximum(self._tau2_grid(tau2), 1e-30))
-        f = f[(slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)]
-        f = fft_module(xp).ifftshift(f, axes=tuple(range(self.ndim - 1)))
-        big = centred_ifft(f, (p,) * self.ndim)
+            f = xp.where(valid, d / xp.where(valid, w, 1.0), 0.0)
+        big = fft.fftshift(fft.irfftn(f, s=(p,) * self.ndim))
         lo = p // 2 - n // 2
         vol = big[(slice(lo, lo + n),) * self.ndim]
         return (vol / gridding_kernel(n, p, self.ndim, xp)).astype(xp.float32)
