@@ -97,6 +97,7 @@ def test_movies_have_drift_and_particles(tmp_path):
     assert frames.shape == (8, 256, 256) and px == pytest.approx(1.5)
     drift = pd.read_csv(tmp_path / "truth/movie_0001_drift.csv")
     # Frame-to-frame cross-correlation peaks at the true relative shift.
+    frames = frames - frames.mean(axis=(1, 2), keepdims=True)
     f0, f7 = np.fft.rfft2(frames[0]), np.fft.rfft2(frames[7])
     cc = np.fft.irfft2(f7 * np.conj(f0), s=(256, 256))
     dy, dx = np.unravel_index(np.argmax(cc), cc.shape)
@@ -107,3 +108,27 @@ def test_movies_have_drift_and_particles(tmp_path):
     assert len(truth) == 6
     coords = read_table(tmp_path / "truth/coords/movie_0001_autopick.star", "", required=("rlnCoordinateX",))
     assert len(coords) == 6
+
+
+def test_movies_dose_and_gain(tmp_path):
+    vol = model_map(ADK_CLOSED, 40, 1.5)
+    cfg = MovieSimulation(n_movies=1, size=128, pixel_size=1.5, n_frames=40, dose_per_frame=2.0,
+                          particles_per_movie=3, particle_diameter=60.0, snr=1e6, drift_step=0.0,
+                          gain_reference=True, seed=8)
+    simulate_movies([vol], 1.5, cfg, tmp_path)
+    frames, _ = read_map(tmp_path / "Movies/movie_0001.mrcs")
+    gain, _ = read_map(tmp_path / "Movies/gain.mrc")
+    dead = pd.read_csv(tmp_path / "truth/dead_pixels.csv")
+    assert (frames[:, dead.y, dead.x] == 0).all() and (gain[dead.y, dead.x] == 0).all()
+    corrected = frames * gain
+    # background counts: dose per frame x pixel area
+    assert np.median(corrected) == pytest.approx(2.0 * 1.5 * 1.5, rel=0.05)
+    # radiation damage: the last frames carry less high-resolution signal than the first ones
+    corrected[:, dead.y, dead.x] = np.median(corrected)  # defect pixels would dominate the spectrum
+    sig = corrected - corrected.mean(axis=(1, 2), keepdims=True)
+    ps = np.abs(np.fft.rfft2(sig)) ** 2
+    k = np.hypot(np.fft.fftfreq(128)[:, None], np.fft.rfftfreq(128)[None]) / 1.5
+    band = (k > 1 / 8) & (k < 1 / 5)
+    assert ps[-5:, band].sum() < 0.5 * ps[:5, band].sum()
+    movies = read_table(tmp_path / "movies.star", "movies")
+    assert movies.optics["rlnMicrographGainName"].iloc[0] == "Movies/gain.mrc"

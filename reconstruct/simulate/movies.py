@@ -18,7 +18,7 @@ from ..backend import fft_module
 from ..ctf import Optics, ctf_2d
 from ..files.mrc import write_map, write_stack
 from ..files.star import write_star
-from ..fourier import centred_fft, centred_ifft, phase_shift_2d
+from ..fourier import centred_fft, centred_ifft, phase_shift_2d, radius_grid
 from ..geometry import matrix_to_euler, random_rotations
 from ..projector import Projector
 from .noise import coloured_noise, noise_spectrum
@@ -41,7 +41,14 @@ class MovieSimulation:
     drift_step: float = 0.6  # px per frame, standard deviation of the random walk's steps
     bfactor: float = 40.0
     optics: Optics = field(default_factory=Optics)
+    gain_reference: bool = False  # record frames divided by a per-pixel gain (with a few dead pixels)
+    float16: bool = False  # write frames as mode 12
     seed: int = 0
+
+
+def critical_exposure(k: np.ndarray) -> np.ndarray:
+    """Grant & Grigorieff (2015) critical exposure (e/Å^2) at spatial frequency k (1/Å)."""
+    return 0.245 * np.maximum(k, 1e-6) ** -1.665 + 2.81
 
 
 def _place(size: int, n: int, min_dist: float, margin: float, rng: np.random.Generator) -> np.ndarray:
@@ -68,6 +75,17 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
         raise ValueError("maps must be sampled at the movie pixel size (simulate the map at that pixel size)")
     projectors = [Projector(np.asarray(m, np.float32)) for m in maps]
     amp = noise_spectrum(size, px)
+    damage_ne = critical_exposure(radius_grid((size, size), np) / (size * px))
+    background = cfg.dose_per_frame * px * px  # mean electrons per pixel per frame
+    contrast = 0.1 * background  # particle signal amplitude relative to the background counts
+    gain = None
+    if cfg.gain_reference:
+        gain = rng.uniform(0.9, 1.1, (size, size)).astype(np.float32)
+        dead = rng.integers(0, size, (max(1, size // 64), 2))
+        gain[dead[:, 1], dead[:, 0]] = 0.0
+        write_map(out / "Movies" / "gain.mrc", gain, px)
+        (out / "truth").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"x": dead[:, 0], "y": dead[:, 1]}).to_csv(out / "truth" / "dead_pixels.csv", index=False)
     rows = []
     movie_rows = []
     for mv in range(cfg.n_movies):  # movies are independent files; each is vectorised inside
@@ -94,7 +112,6 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
         du, dv = mean_def + astig / 2, mean_def - astig / 2
         ctf = ctf_2d(size, px, du, dv, ang, cfg.optics, bfactor=cfg.bfactor)[0]
         signal_ft = fft_module(np).rfft2(mic) * ctf
-        signal = fft_module(np).irfft2(signal_ft, s=(size, size))
         patch_var = float(np.var(proj)) if k else 1.0
         sigma_total = np.sqrt(patch_var / cfg.snr)
         # Drift: a random walk, frame 0 at the origin; each frame carries 1/n of the signal.
@@ -102,13 +119,18 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
         steps[0] = 0
         drift = np.cumsum(steps, axis=0)
         drift -= drift[cfg.n_frames // 2]
-        frames_ft = np.repeat(signal_ft[None] / cfg.n_frames, cfg.n_frames, axis=0)
+        # Radiation damage: frame f keeps exp(-N_f / (2 Ne(k))) of the signal, N_f its mid-frame exposure.
+        exposure = (np.arange(cfg.n_frames) + 0.5) * cfg.dose_per_frame
+        frames_ft = signal_ft[None] / cfg.n_frames * np.exp(-exposure[:, None, None] / (2 * damage_ne))
         frames = fft_module(np).irfft2(phase_shift_2d(frames_ft, drift, size), s=(size, size))
         frames += coloured_noise(cfg.n_frames, size, amp, rng, sigma_total / np.sqrt(cfg.n_frames))
-        # Contrast as recorded: protein dark on a positive background of counts.
-        frames = (-frames + 0.0).astype(np.float32)
+        # As recorded: protein dark on a background of the mean counts per pixel and frame.
+        frames = background - frames / max(float(np.sqrt(patch_var)), 1e-12) * contrast
+        if gain is not None:
+            frames = frames / np.where(gain > 0, gain, 1.0)
+            frames[:, gain == 0] = 0.0
         name = f"Movies/movie_{mv + 1:04d}.mrcs"
-        write_stack(out / name, frames, px)
+        write_stack(out / name, frames.astype(np.float32), px, float16=cfg.float16)
         movie_rows.append({"rlnMicrographMovieName": name, "rlnOpticsGroup": 1})
         rot, tilt, psi = matrix_to_euler(mats)
         for i in range(k):
@@ -122,12 +144,13 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
                               "rlnClassNumber": 0, "rlnAutopickFigureOfMerit": 1.0, "rlnAnglePsi": -999.0})})
         pd.DataFrame({"frame": np.arange(cfg.n_frames) + 1, "shift_x_px": drift[:, 0],
                       "shift_y_px": drift[:, 1]}).to_csv(out / "truth" / f"{stem}_drift.csv", index=False)
-        del signal
     optics = pd.DataFrame([{
         "rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1, "rlnMicrographOriginalPixelSize": px,
         "rlnVoltage": cfg.optics.voltage, "rlnSphericalAberration": cfg.optics.cs,
         "rlnAmplitudeContrast": cfg.optics.amplitude_contrast,
     }])
+    if gain is not None:
+        optics["rlnMicrographGainName"] = "Movies/gain.mrc"
     write_star(out / "movies.star", {"optics": optics, "movies": pd.DataFrame(movie_rows)})
     truth = pd.DataFrame(rows)
     truth.to_csv(out / "truth" / "particles_truth.csv", index=False)
