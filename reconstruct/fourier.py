@@ -130,3 +130,14 @@ def resize_fourier(data: Any, new_box: int, ndim: int) -> Any:
                                        axes=tuple(range(-ndim, 0))), axes=tuple(range(-ndim, 0)))
     scale = (new_box / old) ** ndim
     return (res.real * scale).astype(data.dtype)
+
+
+def crop_half(ft: Any, size: int) -> Any:
+    """Window half transforms (..., N, N/2+1) to (..., size, size/2+1), keeping frequency indices."""
+    n = ft.shape[-2]
+    if size == n:
+        return ft
+    xp = array_module(ft)
+    h = size // 2
+    rows = xp.concatenate([xp.arange(0, size - h), xp.arange(n - h, n)])
+    return ft[..., rows, : h + 1]

@@ -1,0 +1,129 @@
+"""The E-step: Gaussian log-likelihoods of particle images over poses, and their significant posteriors.
+
+For image X_b (half transform), CTF C_b, reference projection P_m and candidate origin offset t,
+the log-likelihood is -sum_k |X_b,t(k) - C_b(k) P_m(k)|^2 / sigma2(k) summed over the *full* Fourier
+plane (the half plane with Friedel-duplicated columns counted twice), where X_b,t is the image
+shifted by +t (which centres a particle whose origin offset is t) and sigma2(k) = E|noise(k)|^2 per
+complex coefficient, one value per Fourier shell.  Dropping the per-image constant sum |X|^2/sigma2,
+
+    log L(b, m, t) = 2 Re sum_k conj(X_b,t) C_b P_m / sigma2 - sum_k C_b^2 |P_m|^2 / sigma2,
+
+which for a batch is two matrix products: (B T x 2K) @ (2K x M) and (B x K) @ (K x M).  Nothing loops
+over particles, orientations or translations in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import array_module
+from .fourier import freq_grid, phase_shift_2d
+
+
+def fourier_mask(size: int, r_max: float, xp: Any) -> Any:
+    """Boolean (size, size/2+1) mask of frequencies with radius <= ``r_max`` (Fourier pixels)."""
+    ky, kx = freq_grid((size, size), xp)
+    return (kx * kx + ky * ky) <= r_max * r_max
+
+
+def friedel_weights(size: int, xp: Any) -> Any:
+    """Multiplicity of each half-transform column in the full plane: 1 for kx = 0 and Nyquist, else 2."""
+    w = xp.full((size, size // 2 + 1), 2.0, dtype=xp.float32)
+    w[:, 0] = 1.0
+    if size % 2 == 0:
+        w[:, -1] = 1.0
+    return w
+
+
+def shell_map(values: Any, size: int, box: int, xp: Any) -> Any:
+    """Spread a per-shell curve (shells of the full box ``box``) onto a (size, size/2+1) half grid."""
+    ky, kx = freq_grid((size, size), xp)
+    shell = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
+    values = xp.asarray(values, dtype=xp.float32)
+    # A window of the box's transform keeps its frequency indices, so shells are shared.
+    return values[xp.clip(shell, 0, values.size - 1)]
+
+
+def score_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,
+                mask: Any) -> Any:
+    """Log-likelihoods (B, M, T) up to a per-image constant.
+
+    ``images`` (B, S, S/2+1) are image transforms Fourier-cropped to the current size S, ``ctf`` the
+    matching CTFs, ``projections`` (M, S, S/2+1) the reference slices, ``shifts`` (T, 2) candidate
+    origin offsets in pixels of the full box ``box``, ``inv_sigma2`` (S, S/2+1) 1/sigma2 (zero where
+    unused) and ``mask`` the frequencies to include.
+    """
+    xp = array_module(images)
+    b, s = images.shape[0], images.shape[1]
+    t = shifts.shape[0]
+    w = (friedel_weights(s, xp) * inv_sigma2)[mask]  # (K,)
+    # X shifted by +t for every candidate offset (offsets in pixels of the full box).
+    x = shift_cropped(images, shifts, box)[:, mask]  # (B T, K)
+    c = xp.repeat(ctf[:, mask], t, axis=0)  # (B T, K)
+    a = xp.conj(x) * (c * (2.0 * w))
+    p = projections[:, mask]  # (M, K)
+    cross = a.real @ p.real.T - a.imag @ p.imag.T  # Re(sum conj(X) C P w): (B T, M)
+    c2 = ctf[:, mask] ** 2 * w  # (B, K)
+    power = c2 @ (p.real**2 + p.imag**2).T  # (B, M)
+    cross = cross.reshape(b, t, -1).transpose(0, 2, 1)  # (B, M, T)
+    return (cross - power[:, :, None]).astype(xp.float32)
+
+
+def shift_cropped(images: Any, shifts: Any, box: int) -> Any:
+    """Every image shifted by every offset: (B T, S, S/2+1), offsets (T, 2) in pixels of the full box.
+
+    The images are transforms Fourier-cropped from ``box`` to S; a shift of d full-box pixels is a
+    shift of d S / box cropped pixels.
+    """
+    xp = array_module(images)
+    b, size = images.shape[0], images.shape[1]
+    t = shifts.shape[0]
+    scaled = xp.asarray(shifts, dtype=xp.float32) * (size / box)
+    return phase_shift_2d(xp.repeat(images, t, axis=0), xp.tile(scaled, (b, 1)), size)
+
+
+@dataclass
+class Significant:
+    """Sparse posterior: the poses that together hold ``fraction`` of each image's probability."""
+
+    image: Any  # (S,) index into the batch
+    orient: Any  # (S,) orientation index
+    shift: Any  # (S,) translation index
+    weight: Any  # (S,) posterior probability (sums to ~1 per image over its entries)
+    log_max: Any  # (B,) largest log posterior per image (the log-likelihood contribution)
+    pmax: Any  # (B,) largest posterior probability (RELION's rlnMaxValueProbDistribution)
+    n_significant: Any  # (B,) entries kept per image (rlnNrOfSignificantSamples)
+
+
+def significant_posteriors(log_post: Any, fraction: float = 0.999, floor: float = 1e-12) -> Significant:
+    """Normalise log posteriors (B, M, T) and keep, per image, the smallest set of poses whose
+    probabilities sum to at least ``fraction`` (RELION's adaptive significance)."""
+    xp = array_module(log_post)
+    b = log_post.shape[0]
+    flat = log_post.reshape(b, -1)
+    top = flat.max(axis=1, keepdims=True)
+    p = xp.exp(flat - top)
+    p /= p.sum(axis=1, keepdims=True)
+    cand_img, cand_pose = xp.nonzero(p > floor)
+    vals = p[cand_img, cand_pose]
+    order = xp.lexsort(xp.stack([-vals, cand_img]))  # by image, then descending probability
+    cand_img, cand_pose, vals = cand_img[order], cand_pose[order], vals[order]
+    csum = xp.cumsum(vals)
+    starts = xp.searchsorted(cand_img, xp.arange(b))
+    before = xp.concatenate([xp.zeros(1, dtype=csum.dtype), csum])[starts]
+    within = csum - before[cand_img]
+    prev = within - vals
+    keep = prev < fraction  # keep entries until the running sum first reaches the fraction
+    img, pose, w = cand_img[keep], cand_pose[keep], vals[keep]
+    total = xp.zeros(b, dtype=w.dtype)
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(total, img, w)
+    else:
+        xp.add.at(total, img, w)
+    w = w / total[img]
+    m_t = log_post.shape[2]
+    counts = xp.bincount(img, minlength=b)
+    return Significant(img, pose // m_t, pose % m_t, w, top[:, 0], p.max(axis=1), counts)

@@ -1,0 +1,89 @@
+"""The E-step against brute force, and pose recovery on simulated particles with known truth."""
+
+import numpy as np
+import pytest
+
+from reconstruct.ctf import ctf_2d
+from reconstruct.fourier import crop_half, phase_shift_2d
+from reconstruct.geometry import angle_between, random_rotations
+from reconstruct.likelihood import (
+    fourier_mask,
+    friedel_weights,
+    score_poses,
+    shell_map,
+    shift_cropped,
+    significant_posteriors,
+)
+from reconstruct.projector import Projector
+from reconstruct.sampling import angular_step, orientations, translations
+from tests.conftest import blob_map
+
+
+def test_score_equals_brute_force():
+    rng = np.random.default_rng(0)
+    b, m, s = 3, 4, 16
+    x = (rng.normal(size=(b, s, s // 2 + 1)) + 1j * rng.normal(size=(b, s, s // 2 + 1))).astype(np.complex64)
+    p = (rng.normal(size=(m, s, s // 2 + 1)) + 1j * rng.normal(size=(m, s, s // 2 + 1))).astype(np.complex64)
+    c = rng.uniform(-1, 1, (b, s, s // 2 + 1)).astype(np.float32)
+    shifts = np.array([[0.0, 0.0], [1.5, -2.0]])
+    inv_s2 = shell_map(rng.uniform(0.5, 2, s // 2 + 1), s, s, np)
+    mask = fourier_mask(s, s / 2, np)
+    got = score_poses(x, c, p, shifts, inv_s2, s, mask)
+    fw = friedel_weights(s, np)
+    ref = np.empty((b, m, 2))
+    for i in range(b):
+        for j in range(m):
+            for k, t in enumerate(shifts):
+                xt = phase_shift_2d(x[i:i + 1], t[None], s)[0]
+                d = np.abs(xt - c[i] * p[j]) ** 2 * inv_s2 * fw
+                ref[i, j, k] = -d[mask].sum() + (np.abs(x[i]) ** 2 * inv_s2 * fw)[mask].sum()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+
+def test_significant_posteriors():
+    logp = np.log(np.array([[[0.5, 0.3], [0.15, 0.05]], [[0.97, 0.01], [0.01, 0.01]]]))
+    sig = significant_posteriors(logp, fraction=0.9)
+    assert sig.n_significant.tolist() == [3, 1]
+    assert np.isclose(sig.weight[sig.image == 0].sum(), 1) and sig.weight[sig.image == 1][0] == 1.0
+    assert sig.pmax[1] == pytest.approx(0.97)
+    first = (sig.image == 0) & (sig.orient == 0) & (sig.shift == 1)
+    assert sig.weight[first][0] == pytest.approx(0.3 / 0.95)
+
+
+@pytest.mark.slow
+def test_pose_recovery_on_simulated_particles():
+    """With the true map as reference, the best pose lies within one sampling step of the truth."""
+    rng = np.random.default_rng(1)
+    box, px, n = 32, 3.0, 48
+    vol = blob_map(box, n_atoms=150, spread=0.13, sigma=1.2, seed=2)
+    true_r = random_rotations(n, rng)
+    true_t = rng.integers(-2, 3, (n, 2)).astype(float)
+    du = rng.uniform(10000, 20000, n)
+    ctf = ctf_2d(box, px, du, du - 300, rng.uniform(0, 180, n))
+    proj = Projector(vol)
+    clean = phase_shift_2d(proj.project(true_r), -true_t, box) * ctf
+    sig_img = np.fft.irfft2(clean, s=(box, box))
+    noise_sd = np.sqrt(sig_img.var() / 0.5)  # SNR 0.5 in real space
+    imgs = np.fft.irfft2(clean, s=(box, box)) + rng.normal(0, noise_sd, (n, box, box))
+    x = np.fft.rfft2(imgs).astype(np.complex64)
+    size = 24  # current image size: Fourier-cropped
+    mats, _ = orientations(2)
+    ref = proj.project(mats, size=size)
+    shifts = translations(2, 1)
+    inv_s2 = np.full((size, size // 2 + 1), 1.0 / (noise_sd**2 * box * box), np.float32)
+    mask = fourier_mask(size, size / 2, np)
+    logl = score_poses(crop_half(x, size), crop_half(ctf, size), ref, shifts, inv_s2, box, mask)
+    best = logl.reshape(n, -1).argmax(axis=1)
+    m_best, t_best = best // len(shifts), best % len(shifts)
+    err = angle_between(mats[m_best], true_r)
+    # the best any search on this grid can do: the grid point nearest to the truth
+    nearest = np.array([angle_between(mats, r[None]).min() for r in true_r])
+    assert np.median(err) < angular_step(2), np.round(err, 1)
+    assert np.mean(err < nearest + angular_step(2)) > 0.85, np.round(err - nearest, 1)
+    assert np.mean(np.all(shifts[t_best] == true_t, axis=1)) > 0.8
+    sig = significant_posteriors(logl)
+    assert sig.n_significant.min() >= 1 and np.median(sig.pmax) > 0.05
+    # shifting cropped images by full-box offsets equals cropping shifted full images
+    full = phase_shift_2d(x[:2], np.array([[2.0, -1.0], [2.0, -1.0]]), box)
+    np.testing.assert_allclose(shift_cropped(crop_half(x[:2], size), np.array([[2.0, -1.0]]), box),
+                               crop_half(full, size), rtol=1e-4, atol=1e-2)
