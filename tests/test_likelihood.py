@@ -80,7 +80,10 @@ def test_pose_recovery_on_simulated_particles():
     nearest = np.array([angle_between(mats, r[None]).min() for r in true_r])
     assert np.median(err) < angular_step(2), np.round(err, 1)
     assert np.mean(err < nearest + angular_step(2)) > 0.85, np.round(err - nearest, 1)
-    assert np.mean(np.all(shifts[t_best] == true_t, axis=1)) > 0.8
+    # offsets come out within a pixel (the orientation grid is 15 degrees coarse); a wrong sign would
+    # put them 2|t| away
+    shift_err = np.abs(shifts[t_best] - true_t).max(axis=1)
+    assert np.mean(shift_err <= 1) > 0.85 and np.mean(shift_err == 0) > 0.4
     sig = significant_posteriors(logl)
     assert sig.n_significant.min() >= 1 and np.median(sig.pmax) > 0.05
     # shifting cropped images by full-box offsets equals cropping shifted full images
