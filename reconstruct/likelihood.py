@@ -46,8 +46,11 @@ def shell_map(values: Any, size: int, box: int, xp: Any) -> Any:
 
 
 def score_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,
-                mask: Any) -> Any:
+                mask: Any, terms: bool = False) -> Any:
     """Log-likelihoods (B, M, T) up to a per-image constant.
+
+    With ``terms=True`` returns the two terms separately: the cross term 2 Re sum conj(X) C P / sigma2
+    (B, M, T) and the power term sum C^2 |P|^2 / sigma2 (B, M), e.g. for scale-free scores.
 
     ``images`` (B, S, S/2+1) are image transforms Fourier-cropped to the current size S, ``ctf`` the
     matching CTFs, ``projections`` (M, S, S/2+1) the reference slices, ``shifts`` (T, 2) candidate
@@ -67,6 +70,8 @@ def score_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2
     c2 = ctf[:, mask] ** 2 * w  # (B, K)
     power = c2 @ (p.real**2 + p.imag**2).T  # (B, M)
     cross = cross.reshape(b, t, -1).transpose(0, 2, 1)  # (B, M, T)
+    if terms:
+        return cross, power
     return (cross - power[:, :, None]).astype(xp.float32)
 
 
@@ -96,9 +101,11 @@ class Significant:
     n_significant: Any  # (B,) entries kept per image (rlnNrOfSignificantSamples)
 
 
-def significant_posteriors(log_post: Any, fraction: float = 0.999, floor: float = 1e-12) -> Significant:
+def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: int = 0,
+                           floor: float = 1e-12) -> Significant:
     """Normalise log posteriors (B, M, T) and keep, per image, the smallest set of poses whose
-    probabilities sum to at least ``fraction`` (RELION's adaptive significance)."""
+    probabilities sum to at least ``fraction`` (RELION's adaptive significance), at most
+    ``max_count`` of them when that is > 0 (RELION's ``--maxsig``)."""
     xp = array_module(log_post)
     b = log_post.shape[0]
     flat = log_post.reshape(b, -1)
@@ -115,6 +122,9 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, floor: float 
     within = csum - before[cand_img]
     prev = within - vals
     keep = prev < fraction  # keep entries until the running sum first reaches the fraction
+    if max_count > 0:
+        rank = xp.arange(cand_img.size) - starts[cand_img]
+        keep &= rank < max_count
     img, pose, w = cand_img[keep], cand_pose[keep], vals[keep]
     total = xp.zeros(b, dtype=w.dtype)
     if xp.__name__ == "cupy":
@@ -127,3 +137,24 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, floor: float 
     m_t = log_post.shape[2]
     counts = xp.bincount(img, minlength=b)
     return Significant(img, pose // m_t, pose % m_t, w, top[:, 0], p.max(axis=1), counts)
+
+
+def score_local_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,
+                      mask: Any) -> Any:
+    """As :func:`score_poses`, with each image's own candidate projections (B, L, S, S/2+1): (B, L, T).
+
+    Local searches give every particle different orientations; the products become batched ones.
+    """
+    xp = array_module(images)
+    b = images.shape[0]
+    t = shifts.shape[0]
+    w = (friedel_weights(images.shape[1], xp) * inv_sigma2)[mask]
+    x = shift_cropped(images, shifts, box)[:, mask].reshape(b, t, -1)  # (B, T, K)
+    c = ctf[:, mask]  # (B, K)
+    a = xp.conj(x) * (c * (2.0 * w))[:, None, :]
+    p = projections[:, :, mask]  # (B, L, K)
+    pt_r = xp.swapaxes(p.real, 1, 2)
+    pt_i = xp.swapaxes(p.imag, 1, 2)
+    cross = xp.matmul(a.real, pt_r) - xp.matmul(a.imag, pt_i)  # (B, T, L)
+    power = xp.einsum("bk,blk->bl", c * c * w, p.real**2 + p.imag**2)
+    return (xp.swapaxes(cross, 1, 2) - power[:, :, None]).astype(xp.float32)

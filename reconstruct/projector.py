@@ -187,11 +187,13 @@ class BackProjector:
         self.data = self.xp.zeros(size, dtype=self.xp.complex64)
         self.weight = self.xp.zeros(size, dtype=self.xp.float32)
 
-    def insert(self, images_ft: Any, rotations: Any, ctf: Any = None, weights: Any = None) -> None:
+    def insert(self, images_ft: Any, rotations: Any, ctf: Any = None, weights: Any = None,
+               freq_weight: Any = None) -> None:
         """Back-project half transforms (B, n, n/2+1) with rotations (B, D, D).
 
         ``ctf`` (B, n, n/2+1) multiplies the data once and the weights twice; ``weights`` (B,) are
-        per-image factors (posterior probabilities, 1/sigma^2 scalings).
+        per-image factors (posterior probabilities); ``freq_weight`` (n, n/2+1) multiplies data and
+        weights alike (1/sigma2 of the noise, as RELION's M-step).
         """
         xp = self.xp
         b, size = images_ft.shape[0], images_ft.shape[1]
@@ -216,6 +218,9 @@ class BackProjector:
                 w_img = xp.asarray(weights[sl], dtype=xp.float32)[:, None, None]
                 x = x * w_img
                 wgt = wgt * w_img
+            if freq_weight is not None:
+                x = x * freq_weight
+                wgt = wgt * freq_weight
             q, inside = _slice_coords(size, rotations[sl], self.padded / self.box, r_max, xp)
             flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
             x = xp.where(flip, xp.conj(x), x) * inside
@@ -229,6 +234,32 @@ class BackProjector:
             _scatter_add(xp, data_f, 2 * idx, xr)
             _scatter_add(xp, data_f, 2 * idx + 1, xi)
             _scatter_add(xp, self.weight, idx, xp.tile(wgt.ravel(), len(corners)) * w)
+
+    def add(self, other: BackProjector) -> None:
+        """Accumulate another back-projector of the same geometry (e.g. join the two half sets)."""
+        self.data += other.data
+        self.weight += other.weight
+
+    def mean_weight_per_shell(self) -> Any:
+        """Average weight W over each Fourier shell of the unpadded box (shells 0..N/2).
+
+        RELION's regularisation scales tau2 by this to compare the prior with the data's weight.
+        """
+        xp = self.xp
+        _, w = self._grids()
+        p = self.padded
+        grids = freq_grid((p,) * self.ndim, xp)
+        r = xp.sqrt(sum(g * g for g in grids)) * (self.box / p)
+        shell = xp.round(r).astype(xp.int64)
+        shell = fft_module(xp).fftshift(shell, axes=tuple(range(self.ndim - 1)))
+        core = (slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)
+        wc = w[core].ravel()
+        sc = shell.ravel()
+        n = self.box // 2 + 1
+        inside = sc < n
+        total = xp.bincount(sc[inside], weights=wc[inside], minlength=n)
+        count = xp.bincount(sc[inside], minlength=n)
+        return total / xp.maximum(count, 1)
 
     def _grids(self) -> tuple[Any, Any]:
         """Data and weight grids with Friedel symmetry imposed on the x = 0 plane."""
@@ -261,9 +292,9 @@ class BackProjector:
         axes = tuple(range(self.ndim - 1))
         d = fft.ifftshift(d[core], axes=axes)
         w = fft.ifftshift(w[core], axes=axes)
+        valid = w > min_weight * float(w.max() if w.size else 0.0)  # judged on the data's weights alone
         if tau2 is not None:
             w = w + 1.0 / xp.maximum(fft.ifftshift(self._tau2_grid(tau2)[core], axes=axes), 1e-30)
-        valid = w > min_weight * float(w.max() if w.size else 0.0)
         if gridding_iterations > 0:
             shape = (p,) * self.ndim
             kernel = _padded_kernel(p, self.ndim, xp)

@@ -128,3 +128,21 @@ def translations(offset_range: float, offset_step: float) -> np.ndarray:
     x, y = np.meshgrid(g, g, indexing="xy")
     keep = x * x + y * y <= offset_range * offset_range + 1e-9
     return np.stack([x[keep], y[keep]], 1)
+
+
+def local_rotations(step: float, radius: float) -> np.ndarray:
+    """Small rotations (L, 3, 3) on a cubic grid of rotation vectors: spacing ``step`` degrees,
+    within ``radius`` degrees of the identity (which is first).  ``delta @ A`` samples around pose A."""
+    n = int(np.floor(radius / step + 1e-9))
+    g = np.arange(-n, n + 1) * step
+    v = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    v = v[np.linalg.norm(v, axis=1) <= radius + 1e-9]
+    v = v[np.argsort(np.linalg.norm(v, axis=1), kind="stable")]
+    ang = np.deg2rad(np.linalg.norm(v, axis=1))
+    axis = np.divide(v, np.linalg.norm(v, axis=1, keepdims=True), out=np.zeros_like(v),
+                     where=np.linalg.norm(v, axis=1, keepdims=True) > 0)
+    k = np.zeros((len(v), 3, 3))
+    k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    k -= np.swapaxes(k, 1, 2)
+    s, c = np.sin(ang)[:, None, None], np.cos(ang)[:, None, None]
+    return np.eye(3)[None] + s * k + (1 - c) * (k @ k)

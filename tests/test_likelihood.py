@@ -90,3 +90,34 @@ def test_pose_recovery_on_simulated_particles():
     full = phase_shift_2d(x[:2], np.array([[2.0, -1.0], [2.0, -1.0]]), box)
     np.testing.assert_allclose(shift_cropped(crop_half(x[:2], size), np.array([[2.0, -1.0]]), box),
                                crop_half(full, size), rtol=1e-4, atol=1e-2)
+
+
+def test_local_scores_match_global():
+    from reconstruct.likelihood import score_local_poses
+    from reconstruct.sampling import local_rotations
+
+    rng = np.random.default_rng(3)
+    vol = blob_map(24, 60, seed=4)
+    proj = Projector(vol)
+    base = random_rotations(3, rng)
+    delta = local_rotations(5.0, 10.0)
+    assert np.allclose(delta[0], np.eye(3)) and len(delta) == 33
+    cand = np.einsum("lij,bjk->blik", delta, base)  # (B, L, 3, 3)
+    x = proj.project(base) + 0.1 * rng.normal(size=(3, 24, 13))
+    c = np.ones((3, 24, 13), np.float32)
+    shifts = translations(1, 1)
+    inv = np.ones((24, 13), np.float32)
+    mask = fourier_mask(24, 12, np)
+    local = score_local_poses(x, c, proj.project(cand.reshape(-1, 3, 3)).reshape(3, len(delta), 24, 13),
+                              shifts, inv, 24, mask)
+    for i in range(3):
+        glob = score_poses(x[i:i + 1], c[i:i + 1], proj.project(cand[i]), shifts, inv, 24, mask)
+        np.testing.assert_allclose(local[i], glob[0], rtol=1e-4, atol=1e-2)
+    assert (local[:, :, 2].argmax(axis=1) == 0).all()  # identity perturbation, zero shift wins
+
+
+def test_significant_cap():
+    logp = np.zeros((2, 10, 3))  # flat posteriors: everything would be significant
+    sig = significant_posteriors(logp, fraction=0.999, max_count=5)
+    assert sig.n_significant.tolist() == [5, 5]
+    np.testing.assert_allclose(sig.weight, 0.2)
