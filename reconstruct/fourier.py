@@ -24,8 +24,9 @@ def freq_grid(shape: tuple[int, ...], xp: Any, half: bool = True) -> list[Any]:
     for i, n in enumerate(shape):
         if half and i == nd - 1:
             f = xp.arange(n // 2 + 1, dtype=xp.float32)
-        else:
-            f = fft_module(xp).fftfreq(n, d=1.0 / n).astype(xp.float32)
+        else:  # FFTW's convention: row i >= N/2 + 1 is frequency i - N (row N/2 is +N/2)
+            f = xp.arange(n, dtype=xp.float32)
+            f = xp.where(f > n // 2, f - n, f)
         sh = [1] * nd
         sh[i] = f.size
         grids.append(f.reshape(sh))
@@ -138,6 +139,6 @@ def crop_half(ft: Any, size: int) -> Any:
     if size == n:
         return ft
     xp = array_module(ft)
-    h = size // 2
-    rows = xp.concatenate([xp.arange(0, size - h), xp.arange(n - h, n)])
-    return ft[..., rows, : h + 1]
+    pos = size // 2 + 1  # rows 0..size/2 are non-negative frequencies (FFTW), the rest negative
+    rows = xp.concatenate([xp.arange(0, pos), xp.arange(n - (size - pos), n)])
+    return ft[..., rows, : size // 2 + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .ctf import Optics, ctf_2d
 from .files.errors import InputError
@@ -56,8 +57,20 @@ class CtfSource:
             for label in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
                 if label not in row:
                     raise InputError(table.path, f"data_optics lacks {label}, needed for the CTF")
-            self.optics[int(row["rlnOpticsGroup"])] = Optics(
-                float(row["rlnVoltage"]), float(row["rlnSphericalAberration"]), float(row["rlnAmplitudeContrast"]))
+            optics = Optics(float(row["rlnVoltage"]), float(row["rlnSphericalAberration"]),
+                            float(row["rlnAmplitudeContrast"]))
+            if not (optics.voltage > 0 and optics.cs >= 0 and 0 <= optics.amplitude_contrast <= 1):
+                raise InputError(table.path, f"optics group {int(row['rlnOpticsGroup'])} has impossible values "
+                                 f"(voltage {optics.voltage} kV, Cs {optics.cs} mm, amplitude contrast "
+                                 f"{optics.amplitude_contrast})", "voltage > 0, Cs >= 0, 0 <= contrast <= 1")
+            self.optics[int(row["rlnOpticsGroup"])] = optics
+        premult = dict(zip(table.optics["rlnOpticsGroup"].astype(int),
+                           table.optics.get("rlnCtfDataAreCtfPremultiplied", pd.Series(0, index=table.optics.index))))
+        flags = {bool(int(v)) for v in premult.values()}
+        if len(flags) > 1:
+            raise InputError(table.path, "some optics groups are CTF-premultiplied and others are not",
+                             "process them separately")
+        self.premultiplied = flags.pop() if flags else False
 
     def __call__(self, rows: Any, xp: Any = np) -> Any:
         """CTF half-transform images (B, N, N/2+1) for table rows ``rows``."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_xp, to_numpy
+from .files.errors import InputError
 from .files.mrc import StackAppender, read_map
 from .files.stack import format_image_name
 from .files.star import read_particles, write_star
@@ -45,7 +46,14 @@ def project_particles(opt: ProjectOptions) -> Path:
     box = vol.shape[-1]
     px = map_px
     if "rlnImagePixelSize" in table.optics.columns:
-        px = table.image_pixel_size()
+        star_px = table.image_pixel_size()
+        if px > 0 and abs(star_px - px) > 0.01 * px:
+            raise InputError(opt.star, f"rlnImagePixelSize {star_px:.4f} Å differs from the map's {px:.4f} Å",
+                             "rescale the map to the particles' pixel size, or fix the STAR file")
+        px = px or star_px
+    if px <= 0:
+        raise InputError(opt.map, "the map header has no pixel size and the STAR file gives none",
+                         "set the map's voxel size or add rlnImagePixelSize to data_optics")
     mats = rotations(table)
     shifts = origins_px(table, px)
     ctf = CtfSource(table, box, px) if opt.ctf else None
@@ -73,10 +81,9 @@ def project_particles(opt: ProjectOptions) -> Path:
     data = table.data.copy()
     data["rlnImageName"] = [format_image_name(i, stack) for i in range(n)]
     optics = table.optics.copy()
-    if "rlnImageSize" not in optics.columns:
-        optics["rlnImageSize"] = box
-        optics["rlnImagePixelSize"] = px
-        optics["rlnImageDimensionality"] = 2
+    optics["rlnImageSize"] = box
+    optics["rlnImagePixelSize"] = px
+    optics["rlnImageDimensionality"] = 2
     star = Path(f"{opt.out}.star")
     write_star(star, {"optics": optics, "particles": data})
     log.info("wrote %d projections to %s and %s", n, stack, star)

@@ -20,7 +20,7 @@ from .backend import array_module, fft_module
 from .fourier import centred_fft, centred_ifft, freq_grid
 
 # Samples processed per chunk; bounds the temporaries of gather/scatter to a few hundred MB.
-_CHUNK_SAMPLES = 1 << 22
+_CHUNK_SAMPLES = 1 << 21
 
 
 def padded_size(box: int, padding: float) -> int:
@@ -175,7 +175,6 @@ class BackProjector:
         from .symmetry import symmetry_operators
 
         self.xp = xp or np
-        # An image with pose A of a map with symmetry R_g is also one with pose A R_g^T.
         self.sym_ops = symmetry_operators(symmetry, self.xp).astype(self.xp.float32) if ndim == 3 else None
         self.box, self.ndim, self.padding = box, ndim, padding
         self.padded = padded_size(box, padding)
@@ -188,52 +187,56 @@ class BackProjector:
         self.weight = self.xp.zeros(size, dtype=self.xp.float32)
 
     def insert(self, images_ft: Any, rotations: Any, ctf: Any = None, weights: Any = None,
-               freq_weight: Any = None) -> None:
+               freq_weight: Any = None, ctf_premultiplied: bool = False) -> None:
         """Back-project half transforms (B, n, n/2+1) with rotations (B, D, D).
 
-        ``ctf`` (B, n, n/2+1) multiplies the data once and the weights twice; ``weights`` (B,) are
-        per-image factors (posterior probabilities); ``freq_weight`` (n, n/2+1) multiplies data and
-        weights alike (1/sigma2 of the noise, as RELION's M-step).
+        ``ctf`` (B, n, n/2+1) multiplies the data once and the weights twice (only the weights when
+        the images are already CTF-premultiplied); ``weights`` (B,) are per-image factors (posterior
+        probabilities); ``freq_weight`` (n, n/2+1) multiplies data and weights alike (1/sigma2 of the
+        noise, as RELION's M-step).  With symmetry every image is inserted once per operator.
         """
         xp = self.xp
         b, size = images_ft.shape[0], images_ft.shape[1]
         rotations = xp.asarray(rotations, dtype=xp.float32).reshape(b, self.ndim, self.ndim)
-        if self.sym_ops is not None and self.sym_ops.shape[0] > 1:
-            g = self.sym_ops.shape[0]
-            rotations = (rotations[:, None] @ xp.swapaxes(self.sym_ops, 1, 2)[None]).reshape(-1, 3, 3)
-            images_ft = xp.repeat(images_ft, g, axis=0)
-            ctf = None if ctf is None else xp.repeat(ctf, g, axis=0)
-            weights = None if weights is None else xp.repeat(xp.asarray(weights), g, axis=0)
-            b = b * g
+        ops = self.sym_ops if self.sym_ops is not None else xp.eye(self.ndim, dtype=xp.float32)[None]
+        ops_t = xp.swapaxes(ops, 1, 2)
+        g = ops.shape[0]
+        fw = None if freq_weight is None else xp.asarray(freq_weight, dtype=xp.float32)
         r_max = min(self.r_max, size / 2)
-        per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1)))
+        per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1) * g))
         for s in range(0, b, per):
             sl = slice(s, s + per)
             x = images_ft[sl]
             wgt = xp.ones(x.shape, dtype=xp.float32)
             if ctf is not None:
-                x = x * ctf[sl]
-                wgt = wgt * ctf[sl] * ctf[sl]
+                c = xp.asarray(ctf[sl], dtype=xp.float32)
+                if not ctf_premultiplied:
+                    x = x * c
+                wgt = wgt * c * c
             if weights is not None:
                 w_img = xp.asarray(weights[sl], dtype=xp.float32)[:, None, None]
                 x = x * w_img
                 wgt = wgt * w_img
-            if freq_weight is not None:
-                x = x * freq_weight
-                wgt = wgt * freq_weight
-            q, inside = _slice_coords(size, rotations[sl], self.padded / self.box, r_max, xp)
+            if fw is not None:
+                x = x * fw
+                wgt = wgt * fw
+            # Symmetry: an image with pose A of a symmetric map is also one with pose A R_g^T.
+            rot = (rotations[sl][:, None] @ ops_t[None]).reshape(-1, self.ndim, self.ndim)
+            if g > 1:
+                x = xp.repeat(x, g, axis=0)
+                wgt = xp.repeat(wgt, g, axis=0)
+            q, inside = _slice_coords(size, rot, self.padded / self.box, r_max, xp)
             flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
-            x = xp.where(flip, xp.conj(x), x) * inside
-            wgt = wgt * inside
-            # All corners in one scatter: no full-grid temporaries, one pass per accumulator.
-            idx = xp.concatenate([flat.ravel() for flat, _ in corners])
-            w = xp.concatenate([w.ravel() for _, w in corners])
-            xr = xp.tile(x.real.ravel(), len(corners)) * w
-            xi = xp.tile(x.imag.ravel(), len(corners)) * w
+            x = (xp.where(flip, xp.conj(x), x) * inside).astype(xp.complex64)
+            wgt = (wgt * inside).astype(xp.float32)
             data_f = self.data.view(xp.float32)
-            _scatter_add(xp, data_f, 2 * idx, xr)
-            _scatter_add(xp, data_f, 2 * idx + 1, xi)
-            _scatter_add(xp, self.weight, idx, xp.tile(wgt.ravel(), len(corners)) * w)
+            xr, xi, wr = x.real.ravel(), x.imag.ravel(), wgt.ravel()
+            for flat, w in corners:  # one scatter per corner: bounded temporaries
+                idx = flat.ravel()
+                w = w.ravel()
+                _scatter_add(xp, data_f, 2 * idx, xr * w)
+                _scatter_add(xp, data_f, 2 * idx + 1, xi * w)
+                _scatter_add(xp, self.weight, idx, wr * w)
 
     def add(self, other: BackProjector) -> None:
         """Accumulate another back-projector of the same geometry (e.g. join the two half sets)."""

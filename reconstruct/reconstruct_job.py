@@ -49,6 +49,8 @@ def reconstruct_particles(opt: ReconstructOptions) -> np.ndarray:
             raise InputError(opt.star, "--subset needs an rlnRandomSubset column")
         keep &= table.data["rlnRandomSubset"].to_numpy() == opt.subset
     if opt.class_number > 0:
+        if "rlnClassNumber" not in table.data.columns:
+            raise InputError(opt.star, "--class needs an rlnClassNumber column")
         keep &= table.data["rlnClassNumber"].to_numpy() == opt.class_number
     if not keep.any():
         raise InputError(opt.star, "no particle is selected (check --subset / --class)")
@@ -67,7 +69,7 @@ def reconstruct_particles(opt: ReconstructOptions) -> np.ndarray:
             ft = centred_fft(xp.asarray(imgs), 2)
             ft = phase_shift_2d(ft, xp.asarray(shifts[rows]), box)  # +origin centres the particle
             c = ctf(rows, xp) if ctf is not None else None
-            bp.insert(ft, xp.asarray(mats[rows]), ctf=c)
+            bp.insert(ft, xp.asarray(mats[rows]), ctf=c, ctf_premultiplied=bool(ctf and ctf.premultiplied))
     vol = to_numpy(bp.reconstruct())
     write_map(opt.out, vol, px)
     log.info("reconstructed %d particles (box %d, %.3f Å/px) into %s", len(table), box, px, opt.out)

@@ -83,3 +83,39 @@ def test_autoproc_demo_data(tmp_path):
     frames, px = read_map(tmp_path / "Movies/movie_0001.mrcs")
     assert frames.shape[0] == 16 and px == pytest.approx(1.5)
     assert (tmp_path / "truth/particles_truth.csv").exists()
+
+
+def test_project_checks_pixel_size_and_premultiplied_reconstruction(tmp_path, monkeypatch):
+    """project refuses a map/STAR pixel-size mismatch; backproject honours CTF-premultiplied data."""
+    from reconstruct.files import read_particles, write_star
+    from reconstruct.fsc import fsc
+
+    monkeypatch.chdir(tmp_path)
+    assert reconstruct_main(["simulate", "particles", "--model", str(ADK_CLOSED), "--o", ".", "--n", "800",
+                             "--box", "32", "--angpix", "2.5", "--snr", "1000", "--seed", "2"]) == 0
+    t = read_particles("truth/particles_true.star")
+    t.optics.loc[0, "rlnImagePixelSize"] = 2.0
+    write_star("wrong_px.star", t.to_blocks())
+    assert reconstruct_main(["project", "--i", "truth/map_00.mrc", "--ang", "wrong_px.star", "--o", "p"]) == 2
+    assert not (tmp_path / "p.mrcs").exists()
+    # CTF-premultiplied copies of the particles: project with --ctf twice is CTF^2-weighted data
+    assert reconstruct_main(["project", "--i", "truth/map_00.mrc", "--ang", "truth/particles_true.star",
+                             "--o", "once", "--ctf"]) == 0
+    once = read_particles("once.star")
+    from reconstruct.files import read_map as rm
+
+    imgs, _ = rm("once.mrcs")
+    from reconstruct.ctf import ctf_2d
+    from reconstruct.fourier import centred_fft, centred_ifft
+
+    d = once.data
+    c = ctf_2d(32, 2.5, d.rlnDefocusU, d.rlnDefocusV, d.rlnDefocusAngle)
+    twice = centred_ifft(centred_fft(imgs, 2) * c, (32, 32))
+    write_stack(tmp_path / "twice.mrcs", twice, 2.5)
+    once.data["rlnImageName"] = [f"{i + 1:06d}@twice.mrcs" for i in range(len(d))]
+    once.optics["rlnCtfDataAreCtfPremultiplied"] = 1
+    write_star("premult.star", once.to_blocks())
+    assert reconstruct_main(["backproject", "--i", "premult.star", "--o", "premult.mrc"]) == 0
+    rec, _ = rm("premult.mrc")
+    truth, _ = rm("truth/map_00.mrc")
+    assert fsc(rec, truth)[1:11].min() > 0.9

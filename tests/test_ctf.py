@@ -31,7 +31,7 @@ def test_ctf_matches_relion_at_tabulated_points():
     c = ctf_2d(box, px, params["du"], params["dv"], params["ang"], Optics(300, 2.7, 0.07),
                phase_shift=12.0, bfactor=40.0, scale=0.9)[0]
     for iy, ix in [(0, 1), (3, 7), (120, 40), (64, 64), (17, 0), (100, 5)]:
-        ky = (iy if iy < box // 2 else iy - box) / (box * px)
+        ky = (iy if iy <= box // 2 else iy - box) / (box * px)  # FFTW rows: i > N/2 negative
         kx = ix / (box * px)
         ref = relion_ctf(kx, ky, 21000.0, 18500.0, 37.0, 300, 2.7, 0.07, phase=12.0, bfac=40.0, scale=0.9)
         assert abs(float(c[iy, ix]) - ref) < 2e-5, (iy, ix)

@@ -201,3 +201,53 @@ def test_full_disk_keeps_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     data, _ = read_map(tmp_path / "v.mrc")
     assert data.max() == 1.0 and [p.name for p in tmp_path.iterdir()] == ["v.mrc"]
+
+
+def test_legacy_star_mixed_optics_make_groups(tmp_path):
+    df = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs", "3@a.mrcs"], "rlnVoltage": [300.0, 200.0, 300.0],
+                       "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1,
+                       "rlnDetectorPixelSize": 5.0, "rlnMagnification": 50000.0})
+    write_star(tmp_path / "old.star", {"": df})
+    t = read_particles(tmp_path / "old.star")
+    assert len(t.optics) == 2 and t.data.rlnOpticsGroup.tolist() == [1, 2, 1]
+    assert t.optics_value("rlnVoltage").tolist() == [300.0, 200.0, 300.0]
+
+
+def test_non_numeric_cell(tmp_path):
+    star = _project(tmp_path, n=3, extra={"rlnDefocusU": ["1.0", "abc", "2.0"]})
+    with pytest.raises(InputError, match=r"rlnDefocusU row 2 holds 'abc', not a number"):
+        read_particles(star)
+
+
+def test_nan_in_optics(tmp_path):
+    star = _project(tmp_path)
+    t = read_particles(star)
+    t.optics.loc[0, "rlnVoltage"] = np.nan
+    write_star(tmp_path / "p2.star", t.to_blocks())
+    with pytest.raises(InputError, match="data_optics column rlnVoltage has 1 NaN"):
+        read_particles(tmp_path / "p2.star")
+
+
+def test_impossible_optics(tmp_path):
+    from reconstruct.particles import CtfSource
+
+    star = _project(tmp_path)
+    t = read_particles(star)
+    t.optics.loc[0, "rlnAmplitudeContrast"] = 1.5
+    with pytest.raises(InputError, match="impossible values"):
+        CtfSource(t, 16, 2.0)
+
+
+def test_unknown_pixel_size_and_wrong_image_size(tmp_path, monkeypatch):
+    star = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    t = read_particles(star)
+    t.optics.loc[0, "rlnImageSize"] = 32
+    with pytest.raises(InputError, match=r"rlnImageSize \[32\] disagrees with the 16-px images"):
+        ImageSource(t)
+    t = read_particles(star)
+    t.optics = t.optics.drop(columns=["rlnImagePixelSize"])
+    with mrcfile.open(tmp_path / "Extract" / "a.mrcs", "r+") as m:
+        m.voxel_size = 0.0
+    with pytest.raises(InputError, match="the pixel size is unknown"):
+        ImageSource(t)

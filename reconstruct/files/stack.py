@@ -81,6 +81,14 @@ class ImageSource:
         self.pixel_size = star_px or 0.0
         for k, path in enumerate(self.files):
             self._validate(k, path, star_px)
+        if self.pixel_size <= 0:
+            raise InputError(table.path, "the pixel size is unknown: neither rlnImagePixelSize in data_optics "
+                             "nor the MRC headers give it", "add rlnImagePixelSize to the optics table")
+        if "rlnImageSize" in table.optics.columns:
+            sizes = {int(v) for v in table.optics["rlnImageSize"]}
+            if sizes != {self.box}:
+                raise InputError(table.path, f"rlnImageSize {sorted(sizes)} disagrees with the {self.box}-px "
+                                 "images in the stacks", "fix the optics table or re-extract")
 
     @staticmethod
     def _resolve(name: str, bases: list[Path]) -> Path:

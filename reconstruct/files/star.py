@@ -108,27 +108,59 @@ ParticleTable = MetadataTable
 
 
 def _legacy_to_optics(df: pd.DataFrame, block: str, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Convert a pre-3.1 table (per-row optics, pixel offsets) to the 3.1 layout, one optics group."""
+    """Convert a pre-3.1 table (per-row optics, pixel offsets) to the 3.1 layout.
+
+    Rows with the same voltage, Cs, amplitude contrast and pixel size form one optics group, as
+    RELION's own conversion does.
+    """
     df = df.copy()
-    optics: dict[str, Any] = {"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1"}
-    for label in _LEGACY_OPTICS:
-        if label in df.columns:
-            optics[label] = float(df[label].iloc[0])
-            df = df.drop(columns=label)
-    pixel = None
     if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        pixel = float(df["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(df["rlnMagnification"].iloc[0])
+        df["_pixel"] = df["rlnDetectorPixelSize"].astype(float) * 1e4 / df["rlnMagnification"].astype(float)
         df = df.drop(columns=["rlnDetectorPixelSize", "rlnMagnification"])
-    if pixel is not None:
-        key = "rlnImagePixelSize" if block == "particles" else "rlnMicrographPixelSize"
-        optics[key] = pixel
         for axis in ("X", "Y"):
             old = f"rlnOrigin{axis}"
             if old in df.columns:
-                df[f"rlnOrigin{axis}Angst"] = df[old] * pixel
+                df[f"rlnOrigin{axis}Angst"] = df[old].astype(float) * df["_pixel"]
                 df = df.drop(columns=old)
-    df["rlnOpticsGroup"] = 1
-    return df, pd.DataFrame([optics])
+    keys = [c for c in (*_LEGACY_OPTICS, "_pixel") if c in df.columns]
+    group = df.groupby(keys, sort=False).ngroup().to_numpy() + 1 if keys else np.ones(len(df), int)
+    first = df.groupby(group, sort=True).head(1) if keys else df.head(1)
+    optics = pd.DataFrame({"rlnOpticsGroup": np.arange(1, len(first) + 1),
+                           "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(first) + 1)]})
+    for label in keys:
+        target = label if label != "_pixel" else (
+            "rlnImagePixelSize" if block == "particles" else "rlnMicrographPixelSize")
+        optics[target] = first[label].astype(float).to_numpy()
+    df = df.drop(columns=keys)
+    df["rlnOpticsGroup"] = group
+    return df, optics
+
+
+# Labels whose values are text; every other rln label RELION defines here is numeric.
+_TEXT_LABELS = ("Name", "FileName", "Image", "Micrograph", "Movie", "Coordinates", "GroupName", "Metadata")
+
+
+def _check_numeric(df: pd.DataFrame, block: str, path: Path) -> pd.DataFrame:
+    """Numeric columns must parse as numbers and be finite; report the first bad cell."""
+    for name in df.columns:
+        col = df[name]
+        if any(t in name for t in _TEXT_LABELS) or not name.startswith("rln"):
+            continue
+        if not pd.api.types.is_numeric_dtype(col):
+            num = pd.to_numeric(col, errors="coerce")
+            bad = num.isna() & col.notna()
+            if bad.any():
+                row = int(np.nonzero(bad.to_numpy())[0][0])
+                raise InputError(path, f"data_{block} column {name} row {row + 1} holds {col.iloc[row]!r}, "
+                                 "not a number", "fix that value")
+            df = df.assign(**{name: num})
+            col = df[name]
+        vals = col.to_numpy(dtype=float)
+        if not np.isfinite(vals).all():
+            n_bad = int(np.count_nonzero(~np.isfinite(vals)))
+            raise InputError(path, f"data_{block} column {name} has {n_bad} NaN or infinite value(s)",
+                             "fix or remove those rows")
+    return df
 
 
 def read_table(path: str | Path, block: str = "particles", required: Iterable[str] = (),
@@ -171,12 +203,8 @@ def read_table(path: str | Path, block: str = "particles", required: Iterable[st
     if unknown:
         raise InputError(path, f"rows refer to optics group(s) {unknown} that data_optics does not define",
                          f"defined groups are {sorted(known)}")
-    for name in df.columns:
-        col = df[name]
-        if pd.api.types.is_float_dtype(col) and not np.isfinite(col.to_numpy()).all():
-            bad = int(np.count_nonzero(~np.isfinite(col.to_numpy())))
-            raise InputError(path, f"column {name} has {bad} NaN or infinite value(s)",
-                             "fix or remove those rows")
+    df = _check_numeric(df, block, path)
+    optics = _check_numeric(optics, "optics", path)
     extra = {k: v for k, v in blocks.items() if k not in (block, "optics")}
     return MetadataTable(df.reset_index(drop=True), optics.reset_index(drop=True), block, path, extra)
 

@@ -32,9 +32,10 @@ def atomic_model_map(model: str | Path, box: int, pixel_size: float, bfactor: fl
         st.remove_hydrogens()
     m = st[0]
     extent = box * pixel_size
+    centre = (box // 2) * pixel_size  # voxel N//2, RELION's centre, for odd boxes too
     c = m.calculate_center_of_mass()
     m.transform_pos_and_adp(gemmi.Transform(gemmi.Mat33(),
-                                            gemmi.Vec3(extent / 2 - c.x, extent / 2 - c.y, extent / 2 - c.z)))
+                                            gemmi.Vec3(centre - c.x, centre - c.y, centre - c.z)))
     cell = gemmi.UnitCell(extent, extent, extent, 90, 90, 90)
     dc = gemmi.DensityCalculatorE()
     dc.d_min = 2.0 * pixel_size

@@ -133,11 +133,10 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
         write_stack(out / name, frames.astype(np.float32), px, float16=cfg.float16)
         movie_rows.append({"rlnMicrographMovieName": name, "rlnOpticsGroup": 1})
         rot, tilt, psi = matrix_to_euler(mats)
-        for i in range(k):
-            rows.append({"movie": name, "rlnCoordinateX": coords[i, 0], "rlnCoordinateY": coords[i, 1],
-                         "rlnAngleRot": rot[i], "rlnAngleTilt": tilt[i], "rlnAnglePsi": psi[i],
-                         "map_index": int(which[i]), "rlnDefocusU": du, "rlnDefocusV": dv,
-                         "rlnDefocusAngle": ang})
+        rows.append(pd.DataFrame({"movie": name, "rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1],
+                                  "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
+                                  "map_index": which, "rlnDefocusU": du, "rlnDefocusV": dv,
+                                  "rlnDefocusAngle": ang}))
         stem = Path(name).stem
         write_star(out / "truth" / "coords" / f"{stem}_autopick.star", {
             "": pd.DataFrame({"rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1],
@@ -152,7 +151,7 @@ def simulate_movies(maps: Sequence[np.ndarray], map_pixel_size: float, cfg: Movi
     if gain is not None:
         optics["rlnMicrographGainName"] = "Movies/gain.mrc"
     write_star(out / "movies.star", {"optics": optics, "movies": pd.DataFrame(movie_rows)})
-    truth = pd.DataFrame(rows)
+    truth = pd.concat(rows, ignore_index=True)
     truth.to_csv(out / "truth" / "particles_truth.csv", index=False)
     for i, m in enumerate(maps):
         write_map(out / "truth" / f"map_{i:02d}.mrc", m, px)
