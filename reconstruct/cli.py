@@ -45,6 +45,21 @@ def _cmd_backproject(a: argparse.Namespace) -> None:
                                              a.gpu))
 
 
+def _cmd_refine3d(a: argparse.Namespace) -> None:
+    from .refine3d import Refine3DOptions, refine3d
+
+    res = refine3d(Refine3DOptions(
+        star=Path(a.i), ref=Path(a.ref), out=Path(a.o), particle_diameter=a.particle_diameter, sym=a.sym,
+        ini_high=a.ini_high, healpix_order=a.healpix_order, auto_local_healpix_order=a.auto_local_healpix_order,
+        offset_range=a.offset_range, offset_step=a.offset_step, tau2_fudge=a.tau2_fudge,
+        low_resol_join_halves=a.low_resol_join_halves, pad=a.pad, ctf=not a.no_ctf,
+        adaptive_fraction=a.adaptive_fraction, max_significant=a.maxsig, max_iter=a.iter, batch=a.batch,
+        seed=a.random_seed, gpu=a.gpu, continue_run=a.continue_run,
+        project_dir=Path(a.project_dir) if a.project_dir else None))
+    print(f"final map {res.final_map}: gold-standard resolution {res.resolution:.2f} Å after {res.iterations} "
+          "iterations")
+
+
 def _cmd_fsc(a: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -166,6 +181,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
     _gpu_flag(s)
     s.set_defaults(func=_cmd_backproject)
+
+    s = sub.add_parser("refine3d", formatter_class=HELP_FORMAT,
+                       help="3D auto-refine with gold-standard half sets (like relion_refine --auto_refine)",
+                       description="Refine particle poses and a 3D map from a starting reference: two "
+                                   "independent half sets, HEALPix orientation sampling made finer as the "
+                                   "resolution stops improving, local searches from --auto_local_healpix_order, "
+                                   "FSC-based regularisation. Writes RELION's run_it*/run_* files into --o; "
+                                   "--continue resumes after the last completed iteration.")
+    s.add_argument("--i", required=True, help="particle STAR file (with CTF parameters)")
+    s.add_argument("--ref", required=True, help="initial reference map, same box and pixel size as the particles")
+    s.add_argument("--o", required=True, help="output directory (files are DIR/run_*)")
+    s.add_argument("--particle_diameter", type=float, required=True, help="diameter of the soft solvent mask (Å)")
+    s.add_argument("--sym", default="C1", help="point group")
+    s.add_argument("--ini_high", type=float, default=60.0, help="low-pass the reference to this resolution (Å)")
+    s.add_argument("--healpix_order", type=int, default=2, help="initial HEALPix order (2: 15 degrees)")
+    s.add_argument("--auto_local_healpix_order", type=int, default=4,
+                   help="from this HEALPix order on, search locally around the previous poses")
+    s.add_argument("--offset_range", type=float, default=5.0, help="translational search range (pixels)")
+    s.add_argument("--offset_step", type=float, default=1.0, help="translational search step (pixels)")
+    s.add_argument("--tau2_fudge", type=float, default=1.0, help="regularisation parameter T")
+    s.add_argument("--low_resol_join_halves", type=float, default=40.0,
+                   help="resolution (Å) below which the two half maps are averaged")
+    s.add_argument("--pad", type=float, default=2.0, help="padding factor of the projectors")
+    s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
+    s.add_argument("--adaptive_fraction", type=float, default=0.999,
+                   help="posterior mass of the poses kept per particle")
+    s.add_argument("--maxsig", type=int, default=256, help="most poses per particle kept for the M-step")
+    s.add_argument("--iter", type=int, default=30, help="maximum number of iterations")
+    s.add_argument("--batch", type=int, default=64, help="particles per batch in the E-step")
+    s.add_argument("--random_seed", type=int, default=0, help="seed for the half-set split and sampling perturbation")
+    s.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="resume from the last completed iteration in --o")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _gpu_flag(s)
+    s.set_defaults(func=_cmd_refine3d)
 
     s = sub.add_parser("fsc", formatter_class=HELP_FORMAT, help="FSC between two maps and the resolution",
                        description="Fourier shell correlation of two maps; prints the resolution at 0.5 "

@@ -1,10 +1,12 @@
 """The E-step: Gaussian log-likelihoods of particle images over poses, and their significant posteriors.
 
 For image X_b (half transform), CTF C_b, reference projection P_m and candidate origin offset t,
-the log-likelihood is -sum_k |X_b,t(k) - C_b(k) P_m(k)|^2 / sigma2(k) summed over the *full* Fourier
-plane (the half plane with Friedel-duplicated columns counted twice), where X_b,t is the image
-shifted by +t (which centres a particle whose origin offset is t) and sigma2(k) = E|noise(k)|^2 per
-complex coefficient, one value per Fourier shell.  Dropping the per-image constant sum |X|^2/sigma2,
+the log-likelihood is -sum_k |X_b,t(k) - C_b(k) P_m(k)|^2 / sigma2(k) over the independent Fourier
+coefficients -- each Friedel pair once, so the kx = 0 and Nyquist columns of the half transform, which
+hold both members of their pairs, count half -- where X_b,t is the image shifted by +t (which centres a
+particle whose origin offset is t) and sigma2(k) = E|noise(k)|^2 per complex coefficient, one value
+per Fourier shell.  This is RELION's diff2 (half-plane sum over 2 sigma2_RELION, whose sigma2 is the
+variance of the real and imaginary parts).  Dropping the per-image constant sum |X|^2/sigma2,
 
     log L(b, m, t) = 2 Re sum_k conj(X_b,t) C_b P_m / sigma2 - sum_k C_b^2 |P_m|^2 / sigma2,
 
@@ -28,11 +30,12 @@ def fourier_mask(size: int, r_max: float, xp: Any) -> Any:
 
 
 def friedel_weights(size: int, xp: Any) -> Any:
-    """Multiplicity of each half-transform column in the full plane: 1 for kx = 0 and Nyquist, else 2."""
-    w = xp.full((size, size // 2 + 1), 2.0, dtype=xp.float32)
-    w[:, 0] = 1.0
+    """Weight of each half-transform coefficient when every Friedel pair counts once: 1, but 1/2 in
+    the kx = 0 (and even-size Nyquist) column, which holds both members of its pairs."""
+    w = xp.ones((size, size // 2 + 1), dtype=xp.float32)
+    w[:, 0] = 0.5
     if size % 2 == 0:
-        w[:, -1] = 1.0
+        w[:, -1] = 0.5
     return w
 
 

@@ -153,7 +153,6 @@ class _Refiner:
         self.poses = euler_to_matrix(*(data.get(c, pd.Series(np.zeros(self.n))).to_numpy()
                                        for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
         self.offsets = origins_px(self.table, self.px)  # (n, 2) px
-        self.scale = 1.0  # grey-scale of the data relative to the reference (RELION's scale correction)
         self.pmax = np.zeros(self.n)
         self.nsig = np.zeros(self.n, dtype=int)
         self.loglik = np.zeros(self.n)
@@ -170,9 +169,10 @@ class _Refiner:
         ref = lowpass_filter(ref, self.px, self.opt.ini_high, ndim=3)
         st = _State(order=self.opt.healpix_order, resolution=self.opt.ini_high)
         st.sigma2 = self.initial_sigma2()
-        refs = [self.xp.asarray(ref), self.xp.asarray(ref)]
-        self.scale = self.calibrate_scale(refs[0], st)
-        log.info("reference grey-scale matched to the data: scale %.4g", self.scale)
+        scale = self.calibrate_scale(self.xp.asarray(ref), st)
+        log.info("reference grey-scale matched to the data: scale %.4g", scale)
+        # Later references are reconstructed from the data, so they are on its grey-scale already.
+        refs = [self.xp.asarray(ref * scale), self.xp.asarray(ref * scale)]
         return st, refs
 
     def calibrate_scale(self, ref: Any, st: _State) -> float:
@@ -239,13 +239,11 @@ class _Refiner:
         backprojectors = []
         n_shells = self.box // 2 + 1
         resid = xp.zeros(n_shells)
-        scale_num = scale_den = 0.0
-        fw_s2 = friedel_weights(size, xp) * inv_s2
         resid_count = xp.zeros(n_shells)
         counts_full = _shell_sums(xp.ones((1, size, size // 2 + 1)), size, n_shells, xp)
         changes = np.zeros(self.n)
         for h in (1, 2):
-            vol = refs[h - 1] * self.mask3d * self.scale
+            vol = refs[h - 1] * self.mask3d
             proj = Projector(vol, padding=opt.pad)
             bp = BackProjector(self.box, padding=opt.pad, xp=xp, symmetry=opt.sym)
             coarse = None if local else proj.project(xp.asarray(coarse_mats), size=size)
@@ -309,16 +307,11 @@ class _Refiner:
                 xb = phase_shift_2d(x_use, xp.asarray(shifts_used[bt] * (size / self.box)), size)
                 r2 = xp.abs(xb - c * best_proj) ** 2 * mask2d
                 resid += _shell_sums(r2, size, n_shells, xp)
-                cp = c * best_proj
-                scale_num += float(((xp.conj(xb) * cp).real * fw_s2).sum())
-                scale_den += float((xp.abs(cp) ** 2 * fw_s2).sum())
                 resid_count += counts_full * b
             backprojectors.append(bp)
         sigma2 = st.sigma2.copy()
         inner = (to_numpy(resid_count) > 0) & (np.arange(n_shells) <= size / 2 - 1)  # shells inside the mask
         sigma2[inner] = to_numpy(resid)[inner] / to_numpy(resid_count)[inner]
-        if scale_den > 0 and scale_num > 0:
-            self.scale *= scale_num / scale_den
         stats = {"size": size, "sigma2": sigma2, "changes": changes, "local": local}
         return backprojectors, stats
 
@@ -403,8 +396,7 @@ class _Refiner:
                                            "rlnAngstromResolution": ang, "rlnGoldStandardFsc": curve,
                                            "rlnSsnrMap": fsc_c / (1 - fsc_c)}),
             "model_groups": pd.DataFrame({"rlnGroupNumber": [1], "rlnGroupName": ["group_1"],
-                                          "rlnGroupNrParticles": [self.n],
-                                          "rlnGroupScaleCorrection": [self.scale]}),
+                                          "rlnGroupNrParticles": [self.n], "rlnGroupScaleCorrection": [1.0]}),
             "model_optics_group_1": pd.DataFrame({"rlnSpectralIndex": np.arange(len(st.sigma2)),
                                                   "rlnResolution": k, "rlnSigma2Noise": st.sigma2}),
         })
@@ -435,7 +427,6 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
         r.poses = euler_to_matrix(*(prev.data[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
         r.offsets = origins_px(prev, r.px)
         r.half = prev.data["rlnRandomSubset"].to_numpy(dtype=int)
-        r.scale = float(m["model_groups"]["rlnGroupScaleCorrection"].iloc[0])
         log.info("continuing from iteration %d (resolution %.2f Å, HEALPix order %d)", last, st.resolution, st.order)
     else:
         st, refs = r.initial_state()
@@ -448,20 +439,23 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
         res = resolution_at(curve, r.box, r.px, 0.143).angstrom
         gained = res < st.best_resolution - 1e-3 and (r.box * r.px / res - r.box * r.px / st.best_resolution) >= 0.5
         st.no_gain = 0 if gained else st.no_gain + 1
-        st.best_resolution = min(st.best_resolution, res)
+        # The first iteration's FSC is inflated by both halves starting from one reference: not a record.
+        st.best_resolution = min(st.best_resolution, res) if st.iteration > 1 else 1e9
         st.resolution = res
         st.sigma2 = stats["sigma2"]
         change = float(np.median(stats["changes"]))
         step = angular_step(st.order)
-        log.info("iteration %d: resolution %.2f Å (size %d), HEALPix order %d (%.2f°), median pose change %.2f°",
-                 st.iteration, res, stats["size"], st.order, step, change)
-        needed = math.degrees(res / (opt.particle_diameter / 2)) / 2  # finer sampling cannot help below this
+        log.info("iteration %d: resolution %.2f Å (size %d), HEALPix order %d (%.2f°), median pose change %.2f°, "
+                 "mean Pmax %.3f", st.iteration, res, stats["size"], st.order, step, change, float(r.pmax.mean()))
+        # Sampling finer than a quarter of the angle the resolution subtends at the particle's edge
+        # cannot help; at the finest useful sampling the run ends after two iterations without gain.
+        useful = math.degrees(res / (opt.particle_diameter / 2)) / 4
         if st.no_gain >= 1 and change < 1.5 * step:
-            if step / 2 >= needed * 0.5 and st.order < opt.max_healpix_order:
+            if step / 2 >= useful and st.order < opt.max_healpix_order:
                 st.order += 1
                 st.no_gain = 0
                 log.info("sampling made finer: HEALPix order %d (%.2f°)", st.order, angular_step(st.order))
-            else:
+            elif st.no_gain >= 2:
                 st.converged = True
         r.write_iteration(st, refs, curve, f"run_it{st.iteration:03d}")
     return _finish(r, st, bps, refs, curve)

@@ -1,0 +1,54 @@
+"""3D auto-refine on simulated CFTR particles: recovered quality against the truth, and --continue."""
+
+import numpy as np
+import pytest
+
+from autoproc.demo import demo_model_path
+from reconstruct.cli import main as reconstruct_main
+from reconstruct.files import read_map, read_particles, write_map
+from reconstruct.fourier import lowpass_filter
+from reconstruct.fsc import fsc, resolution_at
+from reconstruct.geometry import angle_between
+from reconstruct.particles import rotations
+from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+
+BOX, PX = 40, 4.0
+
+
+@pytest.fixture(scope="module")
+def cftr_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine")
+    vol = atomic_model_map(demo_model_path(), BOX, PX)
+    simulate_particles([vol], ParticleSimulation(n_particles=400, box=BOX, pixel_size=PX, snr=3.0, max_offset=5,
+                                                 seed=2), root)
+    write_map(root / "ref30.mrc", lowpass_filter(vol, PX, 30.0, ndim=3), PX)
+    return root, vol
+
+
+@pytest.mark.slow
+def test_refine_from_30A_reference_then_continue(cftr_set, monkeypatch):
+    root, truth = cftr_set
+    monkeypatch.chdir(root)
+    args = ["refine3d", "--i", "Extract/job001/particles.star", "--ref", "ref30.mrc", "--o", "Refine3D/job001",
+            "--particle_diameter", "150", "--ini_high", "30"]
+    # a run stopped after two iterations (as if killed), then continued to convergence
+    assert reconstruct_main([*args, "--iter", "2"]) == 0
+    assert (root / "Refine3D/job001/run_it002_optimiser.star").exists()
+    assert reconstruct_main([*args, "--iter", "15", "--continue"]) == 0
+    its = sorted(root.glob("Refine3D/job001/run_it*_optimiser.star"))
+    assert its[0].name == "run_it001_optimiser.star" and len(its) > 3
+    final, px = read_map(root / "Refine3D/job001/run_class001.mrc")
+    assert px == pytest.approx(PX)
+    curve = fsc(final, truth)
+    assert resolution_at(curve, BOX, PX, 0.5).angstrom < 3 * PX, np.round(curve, 2)
+    est = read_particles(root / "Refine3D/job001/run_data.star",
+                         required=("rlnAngleRot", "rlnRandomSubset", "rlnMaxValueProbDistribution"))
+    true = read_particles(root / "truth/particles_true.star")
+    err = angle_between(rotations(est), rotations(true))
+    assert np.median(err) < 5.0
+    shift_err = np.hypot(*(est.data[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+                           - true.data[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()).T)
+    assert np.median(shift_err) < 1.5 * PX
+    assert set(est.data.rlnRandomSubset) == {1, 2}
+    for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_model.star"):
+        assert (root / "Refine3D/job001" / name).exists()
