@@ -60,6 +60,19 @@ def _cmd_refine3d(a: argparse.Namespace) -> None:
           "iterations")
 
 
+def _cmd_postprocess(a: argparse.Namespace) -> None:
+    from .postprocess import PostprocessOptions, postprocess
+
+    half2 = a.i2 or a.i.replace("half1", "half2")
+    if half2 == a.i:
+        raise InputError(a.i, "cannot derive the second half map's name", "pass --i2")
+    res = postprocess(PostprocessOptions(Path(a.i), Path(half2), Path(a.o), Path(a.mask) if a.mask else None,
+                                         a.angpix, a.ini_threshold, a.extend_inimask, a.width_soft_edge,
+                                         a.autob_lowres, a.adhoc_bfac, a.randomize_at_fsc))
+    print(f"final resolution {res.resolution:.2f} Å; B-factor for sharpening {res.bfactor:.1f} Å^2; "
+          f"written {res.map}, {res.masked_map}, {res.star}")
+
+
 def _cmd_fsc(a: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -216,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
     _gpu_flag(s)
     s.set_defaults(func=_cmd_refine3d)
+
+    s = sub.add_parser("postprocess", formatter_class=HELP_FORMAT,
+                       help="masked, phase-randomisation-corrected FSC and sharpening (like relion_postprocess)",
+                       description="From two unfiltered half maps: an automatic (or given) soft mask, unmasked "
+                                   "and masked FSC with the phase-randomisation correction, the resolution at "
+                                   "FSC 0.143, an automatic Guinier B-factor, and the sharpened map. Writes "
+                                   "ROOT.mrc, ROOT_masked.mrc, ROOT.star and ROOT_fsc.png.")
+    s.add_argument("--i", required=True, help="half map 1 (e.g. run_half1_class001_unfil.mrc)")
+    s.add_argument("--i2", default=None, help="half map 2 (default: --i with half1 replaced by half2)")
+    s.add_argument("--o", default="postprocess", help="output root name")
+    s.add_argument("--mask", default=None, help="soft mask (0..1); default: made automatically")
+    s.add_argument("--angpix", type=float, default=-1.0, help="pixel size in Å (-1: from the header)")
+    s.add_argument("--ini_threshold", type=float, default=None,
+                   help="automatic mask: density threshold of the 15 Å low-passed average (default: from the solvent)")
+    s.add_argument("--extend_inimask", type=float, default=3.0, help="automatic mask: pixels to grow")
+    s.add_argument("--width_soft_edge", type=float, default=6.0, help="automatic mask: soft edge width (px)")
+    s.add_argument("--autob_lowres", type=float, default=10.0, help="lowest resolution (Å) in the Guinier fit")
+    s.add_argument("--adhoc_bfac", type=float, default=None, help="sharpen with this B-factor instead of fitting")
+    s.add_argument("--randomize_at_fsc", type=float, default=0.8,
+                   help="randomise phases beyond the resolution where the unmasked FSC drops below this")
+    s.set_defaults(func=_cmd_postprocess)
 
     s = sub.add_parser("fsc", formatter_class=HELP_FORMAT, help="FSC between two maps and the resolution",
                        description="Fourier shell correlation of two maps; prints the resolution at 0.5 "
