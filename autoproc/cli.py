@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from reconstruct.cli import run_command
+
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -34,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoproc`` console script."""
-    args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from reconstruct.cli import run_command
 from reconstruct.files.errors import InputError
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -44,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ranker`` console script."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (InputError, ValueError) as err:
-        print(f"ranker {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -299,18 +299,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``reconstruct`` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv``, set up logging and run the chosen subcommand; user errors give one line and exit 2.
+
+    Shared by the ``reconstruct``, ``ranker`` and ``autoproc`` console scripts.
+    """
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (InputError, GPUUnavailableError, MemoryError, ValueError) as err:
-        print(f"reconstruct {args.command}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``reconstruct`` console script."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
