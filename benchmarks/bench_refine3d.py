@@ -14,6 +14,7 @@ Outputs go to benchmarks/out/refine3d/ (ignored by git); the table to benchmarks
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "refine3d"))
     ap.add_argument("--skip_relion", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -72,7 +74,9 @@ def main() -> None:
     rows.append(("ours", t_ours, resolution_at(fsc(final, truth), box, px, 0.5).angstrom, ours.resolution, ang, sh))
     if not args.skip_relion and shutil.which("relion_refine_mpi"):
         Path("Relion").mkdir()
-        cmd = ["mpirun", "--allow-run-as-root", "-n", "3", "relion_refine_mpi", "--o", "Relion/run", "--auto_refine",
+        # 3 ranks (a leader and one worker per half) on however many cores there are, as RELION needs.
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi",
+               "--o", "Relion/run", "--auto_refine",
                "--split_random_halves", "--i", "Extract/job001/particles.star", "--ref", "ref30.mrc",
                "--firstiter_cc", "--ini_high", "30", "--dont_combine_weights_via_disc", "--pool", "3", "--pad", "2",
                "--ctf", "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",

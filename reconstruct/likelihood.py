@@ -39,8 +39,8 @@ def friedel_weights(size: int, xp: Any) -> Any:
     return w
 
 
-def shell_map(values: Any, size: int, box: int, xp: Any) -> Any:
-    """Spread a per-shell curve (shells of the full box ``box``) onto a (size, size/2+1) half grid."""
+def shell_map(values: Any, size: int, xp: Any) -> Any:
+    """Spread a per-shell curve (shells of the full box) onto a (size, size/2+1) half grid."""
     ky, kx = freq_grid((size, size), xp)
     shell = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
     values = xp.asarray(values, dtype=xp.float32)

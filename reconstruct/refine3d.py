@@ -121,6 +121,11 @@ def _halves(table: MetadataTable, seed: int) -> np.ndarray:
     return h
 
 
+def _inverse_sigma2(sigma2: np.ndarray, size: int, mask: Any, xp: Any) -> Any:
+    """1/sigma2 on the (size, size/2+1) grid, zero outside ``mask``."""
+    return xp.where(mask, 1.0 / xp.maximum(shell_map(sigma2, size, xp), 1e-30), 0.0).astype(xp.float32)
+
+
 def _shell_sums(values: Any, size: int, n_shells: int, xp: Any) -> Any:
     """Sum (B, S, S/2+1) arrays over Fourier shells, counting Friedel mates: (n_shells,)."""
     from .likelihood import freq_grid
@@ -184,7 +189,7 @@ class _Refiner:
         xp = self.xp
         size = _current_size(st.resolution, self.box, self.px)
         mask2d = fourier_mask(size, size / 2 - 1, xp)
-        inv_s2 = xp.where(mask2d, 1.0 / xp.maximum(shell_map(st.sigma2, size, self.box, xp), 1e-30), 0.0)
+        inv_s2 = _inverse_sigma2(st.sigma2, size, mask2d, xp)
         mats, _ = orientations(self.opt.healpix_order, self.opt.sym)
         shifts = translations(self.opt.offset_range, self.opt.offset_step)
         proj = Projector(ref * self.mask3d, padding=self.opt.pad).project(xp.asarray(mats), size=size)
@@ -193,7 +198,7 @@ class _Refiner:
         for r, imgs in self.src.batches(self.opt.batch, rows):
             x = crop_half(centred_fft(xp.asarray(imgs), 2), size)
             c = crop_half(self.ctf(r, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
-            cross, power = score_poses(x, c, proj, shifts, inv_s2.astype(xp.float32), self.box, mask2d, terms=True)
+            cross, power = score_poses(x, c, proj, shifts, inv_s2, self.box, mask2d, terms=True)
             cc = cross / xp.sqrt(xp.maximum(power, 1e-30))[:, :, None]
             best = cc.reshape(len(r), -1).argmax(axis=1)
             m_best, t_best = best // len(shifts), best % len(shifts)
@@ -222,8 +227,7 @@ class _Refiner:
         xp, opt = self.xp, self.opt
         size = _current_size(st.resolution, self.box, self.px)
         mask2d = fourier_mask(size, size / 2 - 1, xp)
-        inv_s2 = xp.where(mask2d, 1.0 / xp.maximum(shell_map(st.sigma2, size, self.box, xp), 1e-30), 0.0)
-        inv_s2 = inv_s2.astype(xp.float32)
+        inv_s2 = _inverse_sigma2(st.sigma2, size, mask2d, xp)
         local = st.order >= opt.auto_local_healpix_order
         fine_step = angular_step(st.order)
         fine_shift_step = max(0.25, opt.offset_step * 0.5 ** (st.order - opt.healpix_order))

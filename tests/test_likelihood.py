@@ -26,7 +26,7 @@ def test_score_equals_brute_force():
     p = (rng.normal(size=(m, s, s // 2 + 1)) + 1j * rng.normal(size=(m, s, s // 2 + 1))).astype(np.complex64)
     c = rng.uniform(-1, 1, (b, s, s // 2 + 1)).astype(np.float32)
     shifts = np.array([[0.0, 0.0], [1.5, -2.0]])
-    inv_s2 = shell_map(rng.uniform(0.5, 2, s // 2 + 1), s, s, np)
+    inv_s2 = shell_map(rng.uniform(0.5, 2, s // 2 + 1), s, np)
     mask = fourier_mask(s, s / 2, np)
     got = score_poses(x, c, p, shifts, inv_s2, s, mask)
     fw = friedel_weights(s, np)
