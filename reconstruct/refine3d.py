@@ -231,8 +231,8 @@ class _Refiner:
         local = st.order >= opt.auto_local_healpix_order
         fine_step = angular_step(st.order)
         fine_shift_step = max(0.25, opt.offset_step * 0.5 ** (st.order - opt.healpix_order))
-        if local:
-            deltas = local_rotations(fine_step, 2 * fine_step)
+        if local:  # RELION oversamples local searches by one HEALPix order
+            deltas = local_rotations(fine_step / 2, 2 * fine_step)
             rel_shifts = translations(max(2 * fine_shift_step, 1.0), fine_shift_step)
         else:
             coarse_mats, _ = orientations(opt.healpix_order, opt.sym, perturb=0.5, rng=self.rng)
@@ -453,7 +453,7 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
                  "mean Pmax %.3f", st.iteration, res, stats["size"], st.order, step, change, float(r.pmax.mean()))
         # Sampling finer than a quarter of the angle the resolution subtends at the particle's edge
         # cannot help; at the finest useful sampling the run ends after two iterations without gain.
-        useful = math.degrees(res / (opt.particle_diameter / 2)) / 4
+        useful = math.degrees(res / (opt.particle_diameter / 2)) / 8
         if st.no_gain >= 1 and change < 1.5 * step:
             if step / 2 >= useful and st.order < opt.max_healpix_order:
                 st.order += 1
