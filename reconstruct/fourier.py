@@ -62,13 +62,16 @@ def centred_ifft(ft: Any, shape: tuple[int, ...]) -> Any:
 def phase_shift_2d(ft: Any, shifts: Any, box: int) -> Any:
     """Shift a batch of 2D half transforms (B, N, N/2+1) by ``shifts`` (B, 2) pixels (x, y).
 
-    A positive shift moves the image content towards larger x / y.
+    A positive shift moves the image content towards larger x / y.  The phase factor is separable,
+    exp(-2 pi i kx sx / N) exp(-2 pi i ky sy / N), so only (B, N) + (B, N/2+1) exponentials are taken.
     """
     xp = array_module(ft)
     ky, kx = freq_grid((box, box), xp)
     shifts = xp.asarray(shifts, dtype=xp.float32).reshape(-1, 2)
-    ph = kx[None] * shifts[:, 0, None, None] + ky[None] * shifts[:, 1, None, None]
-    return ft * xp.exp((-2j * xp.pi / box) * ph).astype(ft.dtype)
+    cdt = xp.complex64 if ft.dtype != xp.complex128 else xp.complex128
+    ex = xp.exp((-2j * xp.pi / box) * (kx[None] * shifts[:, 0, None, None])).astype(cdt)  # (B, 1, W)
+    ey = xp.exp((-2j * xp.pi / box) * (ky[None] * shifts[:, 1, None, None])).astype(cdt)  # (B, H, 1)
+    return ft * ey * ex
 
 
 def shift_images(images: Any, shifts: Any) -> Any:

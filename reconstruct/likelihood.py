@@ -112,34 +112,28 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: in
     xp = array_module(log_post)
     b = log_post.shape[0]
     flat = log_post.reshape(b, -1)
+    n = flat.shape[1]
     top = flat.max(axis=1, keepdims=True)
     p = xp.exp(flat - top)
     p /= p.sum(axis=1, keepdims=True)
-    cand_img, cand_pose = xp.nonzero(p > floor)
-    vals = p[cand_img, cand_pose]
-    order = xp.lexsort(xp.stack([-vals, cand_img]))  # by image, then descending probability
-    cand_img, cand_pose, vals = cand_img[order], cand_pose[order], vals[order]
-    csum = xp.cumsum(vals)
-    starts = xp.searchsorted(cand_img, xp.arange(b))
-    before = xp.concatenate([xp.zeros(1, dtype=csum.dtype), csum])[starts]
-    within = csum - before[cand_img]
-    prev = within - vals
-    keep = prev < fraction  # keep entries until the running sum first reaches the fraction
-    if max_count > 0:
-        rank = xp.arange(cand_img.size) - starts[cand_img]
-        keep &= rank < max_count
-    img, pose, w = cand_img[keep], cand_pose[keep], vals[keep]
-    total = xp.zeros(b, dtype=w.dtype)
-    if xp.__name__ == "cupy":
-        import cupyx
-
-        cupyx.scatter_add(total, img, w)
+    # Only the max_count most probable poses can be kept: select them in linear time, sort just those.
+    k = n if max_count <= 0 else min(max_count, n)
+    if k < n:
+        cand = xp.argpartition(-p, k - 1, axis=1)[:, :k]
     else:
-        xp.add.at(total, img, w)
-    w = w / total[img]
+        cand = xp.broadcast_to(xp.arange(n), (b, n))
+    vals = xp.take_along_axis(p, cand, axis=1)
+    order = xp.argsort(-vals, axis=1)
+    cand = xp.take_along_axis(cand, order, axis=1)
+    vals = xp.take_along_axis(vals, order, axis=1)
+    prev = xp.cumsum(vals, axis=1) - vals
+    keep = (prev < fraction) & (vals > floor)  # until the running sum first reaches the fraction
+    keep[:, 0] = True
+    img, j = xp.nonzero(keep)
+    pose, w = cand[img, j], vals[img, j]
+    w = w / (vals * keep).sum(axis=1)[img]
     m_t = log_post.shape[2]
-    counts = xp.bincount(img, minlength=b)
-    return Significant(img, pose // m_t, pose % m_t, w, top[:, 0], p.max(axis=1), counts)
+    return Significant(img, pose // m_t, pose % m_t, w, top[:, 0], p.max(axis=1), keep.sum(axis=1))
 
 
 def score_local_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,

@@ -64,40 +64,76 @@ def _slice_coords(size: int, rotations: Any, scale: float, r_max: float, xp: Any
     return q * scale, mask
 
 
-def _corners(q: Any, ndim: int, centre: int, shape: tuple[int, ...]) -> tuple[Any, Any, list]:
-    """Friedel flip, then integer base indices and fractions in array axis order for ``q``."""
+def _interpolation(q: Any, ndim: int, centre: int, shape: tuple[int, ...]) -> tuple[Any, Any, list[Any]]:
+    """Friedel flip, flat index of each sample's lowest corner, and fractions in array axis order.
+
+    The 2^ndim corners of a sample sit at fixed offsets (:func:`_corner_offsets`) from its base
+    index, so one index array serves every corner.
+    """
     xp = array_module(q)
     flip = q[..., 0] < 0
     q = xp.where(flip[..., None], -q, q)
-    base, frac = [], []
+    base = 0
+    frac = []
     for axis in range(ndim):  # array axis order: (z, y, x) <- reversed map order
         c = q[..., ndim - 1 - axis]
         if axis < ndim - 1:
             c = c + centre
         f = xp.floor(c)
         i0 = xp.clip(f.astype(xp.int64), 0, shape[axis] - 2)
-        base.append(i0)
+        base = base + i0 * math.prod(shape[axis + 1:])
         frac.append((c - f).astype(xp.float32))
+    return flip, base, frac
+
+
+def _corner_offsets(shape: tuple[int, ...]) -> list[int]:
+    """Flat offsets of the 2^ndim interpolation corners, axis 0 the most significant bit."""
+    ndim = len(shape)
     strides = [math.prod(shape[a + 1:]) for a in range(ndim)]
-    out = []
-    for bits in itertools.product((0, 1), repeat=ndim):
-        w = 1.0
-        flat = 0
-        for axis, b in enumerate(bits):
-            w = w * (frac[axis] if b else 1.0 - frac[axis])
-            flat = flat + (base[axis] + b) * strides[axis]
-        out.append((flat, w))
-    return flip, out, strides
+    return [sum(b * st for b, st in zip(bits, strides)) for bits in itertools.product((0, 1), repeat=ndim)]
 
 
-def _scatter_add(xp: Any, target: Any, idx: Any, values: Any) -> None:
-    """target[idx] += values with repeated indices summed (NumPy ufunc.at or CuPy's scatter_add)."""
+def _corner_weights(frac: list[Any]) -> list[Any]:
+    """Multilinear weights of the corners, in :func:`_corner_offsets` order."""
+    weights: list[Any] = [1.0]
+    for f in frac:
+        weights = [w * g for w in weights for g in (1.0 - f, f)]
+    return weights
+
+
+def _gather(grid: Any, base: Any, offsets: list[int], frac: list[Any]) -> Any:
+    """Multilinear interpolation of the flat ``grid`` at samples given by base indices and fractions.
+
+    Corner values are fetched with one gather each (from views of the grid shifted by the corner
+    offset) and combined by successive linear interpolation along x, then y, then z.
+    """
+    xp = array_module(grid)
+    vals = [xp.take(grid[off:], base) for off in offsets]
+    for f in reversed(frac):  # innermost (x) axis first: corners pair up as (bit 0, bit 1)
+        vals = [lo + f * (hi - lo) for lo, hi in zip(vals[0::2], vals[1::2])]
+    return vals[0]
+
+
+def _scatter(xp: Any, target: Any, base: Any, offsets: list[int], weights: list[Any], values: Any) -> None:
+    """target[base + offset_c] += weight_c * values over all corners c, repeated indices summed.
+
+    NumPy's ``add.at`` (fast since NumPy 1.25; faster than a dense ``bincount``), CuPy's atomic adds.
+    """
     if xp.__name__ == "cupy":
         import cupyx
 
-        cupyx.scatter_add(target, idx, values.astype(target.dtype))
-    else:
-        xp.add.at(target, idx, values.astype(target.dtype))
+        if xp.iscomplexobj(target):  # atomic adds on the interleaved real and imaginary parts
+            flat = target.view(xp.float32)
+            for off, w in zip(offsets, weights):
+                v = w * values
+                cupyx.scatter_add(flat, 2 * (base + off), v.real.astype(xp.float32))
+                cupyx.scatter_add(flat, 2 * (base + off) + 1, v.imag.astype(xp.float32))
+            return
+        for off, w in zip(offsets, weights):
+            cupyx.scatter_add(target, base + off, (w * values).astype(target.dtype))
+        return
+    for off, w in zip(offsets, weights):
+        xp.add.at(target, base + off, (w * values).astype(target.dtype))
 
 
 class Projector:
@@ -145,12 +181,11 @@ class Projector:
         out = xp.empty((b, size, size // 2 + 1), dtype=xp.complex64)
         r_max = min(self.r_max, size / 2)
         per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1)))
+        offsets = _corner_offsets(self.shape)
         for s in range(0, b, per):
             q, inside = _slice_coords(size, rotations[s:s + per], self.padded / self.box, r_max, xp)
-            flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
-            acc = 0
-            for flat, w in corners:
-                acc = acc + w * self.grid[flat]
+            flip, base, frac = _interpolation(q, self.ndim, self.centre, self.shape)
+            acc = _gather(self.grid, base, offsets, frac)
             acc = xp.where(flip, xp.conj(acc), acc)
             out[s:s + per] = acc * inside
         return out
@@ -203,7 +238,8 @@ class BackProjector:
         g = ops.shape[0]
         fw = None if freq_weight is None else xp.asarray(freq_weight, dtype=xp.float32)
         r_max = min(self.r_max, size / 2)
-        per = max(1, _CHUNK_SAMPLES // (size * (size // 2 + 1) * g))
+        per = max(1, (_CHUNK_SAMPLES // 4) // (size * (size // 2 + 1) * g))  # x8 corners in the scatter
+        offsets = _corner_offsets(self.shape)
         for s in range(0, b, per):
             sl = slice(s, s + per)
             x = images_ft[sl]
@@ -226,17 +262,13 @@ class BackProjector:
                 x = xp.repeat(x, g, axis=0)
                 wgt = xp.repeat(wgt, g, axis=0)
             q, inside = _slice_coords(size, rot, self.padded / self.box, r_max, xp)
-            flip, corners, _ = _corners(q, self.ndim, self.centre, self.shape)
+            flip, base, frac = _interpolation(q, self.ndim, self.centre, self.shape)
             x = (xp.where(flip, xp.conj(x), x) * inside).astype(xp.complex64)
             wgt = (wgt * inside).astype(xp.float32)
-            data_f = self.data.view(xp.float32)
-            xr, xi, wr = x.real.ravel(), x.imag.ravel(), wgt.ravel()
-            for flat, w in corners:  # one scatter per corner: bounded temporaries
-                idx = flat.ravel()
-                w = w.ravel()
-                _scatter_add(xp, data_f, 2 * idx, xr * w)
-                _scatter_add(xp, data_f, 2 * idx + 1, xi * w)
-                _scatter_add(xp, self.weight, idx, wr * w)
+            base = base.ravel()
+            cw = [w.ravel() for w in _corner_weights(frac)]
+            _scatter(xp, self.data, base, offsets, cw, x.ravel())
+            _scatter(xp, self.weight, base, offsets, cw, wgt.ravel())
 
     def add(self, other: BackProjector) -> None:
         """Accumulate another back-projector of the same geometry (e.g. join the two half sets)."""
@@ -249,7 +281,7 @@ class BackProjector:
         RELION's regularisation scales tau2 by this to compare the prior with the data's weight.
         """
         xp = self.xp
-        _, w = self._grids()
+        _, w = self.grids()
         p = self.padded
         grids = freq_grid((p,) * self.ndim, xp)
         r = xp.sqrt(sum(g * g for g in grids)) * (self.box / p)
@@ -264,7 +296,7 @@ class BackProjector:
         count = xp.bincount(sc[inside], minlength=n)
         return total / xp.maximum(count, 1)
 
-    def _grids(self) -> tuple[Any, Any]:
+    def grids(self) -> tuple[Any, Any]:
         """Data and weight grids with Friedel symmetry imposed on the x = 0 plane."""
         xp = self.xp
         d = self.data.reshape(self.shape).copy()
@@ -289,7 +321,7 @@ class BackProjector:
         """
         xp = self.xp
         fft = fft_module(xp)
-        d, w = self._grids()
+        d, w = self.grids()
         p, n = self.padded, self.box
         core = (slice(0, p),) * (self.ndim - 1) + (slice(0, p // 2 + 1),)
         axes = tuple(range(self.ndim - 1))
