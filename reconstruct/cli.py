@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +56,58 @@ def _cmd_refine3d(a: argparse.Namespace) -> None:
         low_resol_join_halves=a.low_resol_join_halves, pad=a.pad, ctf=not a.no_ctf,
         adaptive_fraction=a.adaptive_fraction, max_significant=a.maxsig, max_iter=a.iter, batch=a.batch,
         seed=a.random_seed, gpu=a.gpu, continue_run=a.continue_run,
-        project_dir=Path(a.project_dir) if a.project_dir else None))
+        project_dir=Path(a.project_dir) if a.project_dir else None, ssri=_ssri_options(a)))
     print(f"final map {res.final_map}: gold-standard resolution {res.resolution:.2f} Å after {res.iterations} "
           "iterations")
+
+
+def _ssri_options(a: argparse.Namespace) -> Any:
+    from .ssri import SsriOptions
+
+    if not a.ssri:
+        return None
+    return SsriOptions(alpha=a.ssri_alpha, beta=a.ssri_beta, gamma=a.ssri_gamma, eps=a.ssri_eps, epsp=a.ssri_epsp,
+                       mu=a.ssri_mu, iters=a.ssri_iters, lr=a.ssri_lr, holdout=a.ssri_holdout,
+                       search=not a.ssri_no_search)
+
+
+def _add_ssri_options(s: argparse.ArgumentParser) -> None:
+    from .ssri import SsriOptions
+
+    d = SsriOptions()
+    g = s.add_argument_group("SSRI (OPUS-SSRI's sparseness- and smoothness-regularised maximisation)")
+    g.add_argument("--ssri", action="store_true",
+                   help="replace the FSC-based (tau2) regularisation of each half map by SSRI")
+    g.add_argument("--ssri_alpha", type=float, default=d.alpha,
+                   help="sparseness (log-l1) weight, in units of eps x the noise RMS of the data term's gradient")
+    g.add_argument("--ssri_beta", type=float, default=d.beta,
+                   help="smoothness (log-TV) weight, in units of eps' x the same noise RMS")
+    g.add_argument("--ssri_gamma", type=float, default=d.gamma,
+                   help="weight keeping each map close to the previous one, in units of the mean Fourier weight")
+    g.add_argument("--ssri_eps", type=float, default=d.eps,
+                   help="eps of the log-l1 term, in units of the density level (half the mean of the map's "
+                        "strongest 1/32 of voxels)")
+    g.add_argument("--ssri_epsp", type=float, default=d.epsp,
+                   help="eps' of the log-TV term, in units of the same density level")
+    g.add_argument("--ssri_mu", type=float, default=d.mu,
+                   help="Nesterov smoothing of the gradient norm, in units of the density level; 0 = the "
+                        "unregularised map's noise level per voxel")
+    g.add_argument("--ssri_iters", type=int, default=d.iters, help="inner (proximal-gradient) iterations")
+    g.add_argument("--ssri_lr", type=float, default=d.lr,
+                   help="step size, in units of 1/(Lipschitz constant of the data, proximal and TV terms)")
+    g.add_argument("--ssri_holdout", type=float, default=d.holdout,
+                   help="fraction of each half's Fourier voxels held out to choose alpha and beta")
+    g.add_argument("--ssri_no_search", action="store_true",
+                   help="use --ssri_alpha/--ssri_beta as given instead of choosing among x4, x2, x1, x1/2 of them")
+
+
+def _cmd_ssri_tune(a: argparse.Namespace) -> None:
+    from .ssri_tune import SsriTuneOptions, as_flags, ssri_tune
+
+    res = ssri_tune(SsriTuneOptions(Path(a.i), Path(a.ref), Path(a.o), a.particle_diameter, a.subset,
+                                    Path(a.model) if a.model else None, not a.no_ctf, a.batch, a.random_seed, a.gpu,
+                                    Path(a.project_dir) if a.project_dir else None))
+    print(f"trials in {Path(a.o) / 'ssri_tune.star'}; refine with: {as_flags(res.best)}")
 
 
 def _cmd_postprocess(a: argparse.Namespace) -> None:
@@ -227,8 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--continue", dest="continue_run", action="store_true",
                    help="resume from the last completed iteration in --o")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _add_ssri_options(s)
     _gpu_flag(s)
     s.set_defaults(func=_cmd_refine3d)
+
+    s = sub.add_parser("ssri-tune", formatter_class=HELP_FORMAT,
+                       help="search SSRI's parameters on a refined subset (the OPUS-SSRI paper's ordered search)",
+                       description="Back-project a subset of refined particles per half set, then try alpha, beta, "
+                                   "gamma and eps' in that order (each over a small grid, the others fixed at the "
+                                   "best so far), keeping the value with the best FSC between the two SSRI half "
+                                   "maps. Writes DIR/ssri_tune.star and prints the refine3d options to use. "
+                                   "refine3d --ssri chooses its parameters by itself; this is for checking them.")
+    s.add_argument("--i", required=True, help="refined particles with rlnRandomSubset (e.g. run_data.star)")
+    s.add_argument("--ref", required=True, help="the map SSRI starts from (e.g. run_class001.mrc)")
+    s.add_argument("--o", required=True, help="output directory")
+    s.add_argument("--particle_diameter", type=float, required=True, help="solvent mask diameter (Å)")
+    s.add_argument("--subset", type=int, default=2000, help="particles used, half from each half set")
+    s.add_argument("--model", default=None,
+                   help="run_model.star with the noise spectrum (default: the one next to --i, else estimated)")
+    s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
+    s.add_argument("--batch", type=int, default=256, help="particles per back-projection batch")
+    s.add_argument("--random_seed", type=int, default=0, help="seed of the subset and the held-out voxels")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _gpu_flag(s)
+    s.set_defaults(func=_cmd_ssri_tune)
 
     s = sub.add_parser("postprocess", formatter_class=HELP_FORMAT,
                        help="masked, phase-randomisation-corrected FSC and sharpening (like relion_postprocess)",

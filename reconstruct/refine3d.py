@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from .particles import CtfSource, origins_px
 from .progress import progress
 from .projector import BackProjector, Projector
 from .sampling import angular_step, local_rotations, orientations, translations
+from .ssri import SsriOptions, describe, ssri_reconstruct
 
 log = logging.getLogger("reconstruct")
 
@@ -74,6 +76,7 @@ class Refine3DOptions:
     gpu: bool | None = False  # --gpu
     continue_run: bool = False  # --continue
     project_dir: Path | None = None
+    ssri: SsriOptions | None = None  # --ssri: OPUS-SSRI's regularised maximisation instead of tau2
 
 
 @dataclass
@@ -84,6 +87,7 @@ class _State:
     best_resolution: float = 1e9
     no_gain: int = 0
     converged: bool = False
+    local_offset_step: float = 0.0  # px; translational sampling of local searches (0: from the order)
     sigma2: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
@@ -108,6 +112,18 @@ def _current_size(resolution: float, box: int, pixel_size: float) -> int:
     """RELION's current image size: the resolution's shell plus 10 shells of margin, even, <= box."""
     shell = box * pixel_size / resolution
     return min(box, max(16, _even(2 * (shell + 10))))
+
+
+def _posterior_spread(b: int, img: np.ndarray, w: np.ndarray, poses: np.ndarray, best: np.ndarray,
+                      dshift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the posterior's rms angle (degrees) and offset (px) from its most likely pose.
+
+    This is how accurately the data fix the pose -- RELION's rlnAccuracyRotations/Translations --
+    and decides whether finer sampling can still help.
+    """
+    ang2 = np.bincount(img, weights=w * angle_between(poses, best) ** 2, minlength=b)
+    sh2 = np.bincount(img, weights=w * (dshift**2).sum(axis=1), minlength=b)
+    return np.sqrt(ang2), np.sqrt(sh2)
 
 
 def _halves(table: MetadataTable, seed: int) -> np.ndarray:
@@ -138,6 +154,23 @@ def _shell_sums(values: Any, size: int, n_shells: int, xp: Any) -> Any:
     return xp.bincount(shell[inside], weights=tot[inside], minlength=n_shells)
 
 
+def image_power_spectrum(src: ImageSource, rows: np.ndarray, batch: int, xp: Any) -> np.ndarray:
+    """Mean power per Fourier shell (0..N/2) of the images ``rows``: at cryo-EM SNRs, the noise's."""
+    box = src.box
+    n_shells = box // 2 + 1
+    total = xp.zeros(n_shells)
+    for _, imgs in src.batches(batch, rows):
+        ft = centred_fft(xp.asarray(imgs), 2)
+        total += _shell_sums(xp.abs(ft) ** 2, box, n_shells, xp)
+    counts = _shell_sums(xp.ones((1, box, box // 2 + 1)), box, n_shells, xp)
+    return to_numpy(total / (len(rows) * xp.maximum(counts, 1)))
+
+
+def inverse_sigma2_full(sigma2: np.ndarray, box: int, xp: Any) -> Any:
+    """1/sigma2 on the full (box, box/2+1) grid, zero beyond Nyquist (the M-step's frequency weight)."""
+    return _inverse_sigma2(sigma2, box, fourier_mask(box, box / 2, xp), xp)
+
+
 class _Refiner:
     def __init__(self, opt: Refine3DOptions) -> None:
         self.opt = opt
@@ -161,6 +194,7 @@ class _Refiner:
         self.pmax = np.zeros(self.n)
         self.nsig = np.zeros(self.n, dtype=int)
         self.loglik = np.zeros(self.n)
+        self.ssri_halves: list[np.ndarray] = []
 
     # -- set-up --------------------------------------------------------------------------------
     def initial_state(self) -> tuple[_State, list[Any]]:
@@ -212,15 +246,7 @@ class _Refiner:
 
     def initial_sigma2(self) -> np.ndarray:
         """Noise power per shell from the images' power spectra (RELION's starting estimate)."""
-        xp = self.xp
-        rows = np.arange(min(self.n, 1000))
-        n_shells = self.box // 2 + 1
-        total = xp.zeros(n_shells)
-        for _, imgs in self.src.batches(self.opt.batch, rows):
-            ft = centred_fft(xp.asarray(imgs), 2)
-            total += _shell_sums(xp.abs(ft) ** 2, self.box, n_shells, xp)
-        counts = _shell_sums(xp.ones((1, self.box, self.box // 2 + 1)), self.box, n_shells, xp)
-        return to_numpy(total / (len(rows) * xp.maximum(counts, 1)))
+        return image_power_spectrum(self.src, np.arange(min(self.n, 1000)), self.opt.batch, self.xp)
 
     # -- one iteration -------------------------------------------------------------------------
     def iterate(self, st: _State, refs: list[Any]) -> tuple[list[BackProjector], dict[str, Any]]:
@@ -231,9 +257,14 @@ class _Refiner:
         local = st.order >= opt.auto_local_healpix_order
         fine_step = angular_step(st.order)
         fine_shift_step = max(0.25, opt.offset_step * 0.5 ** (st.order - opt.healpix_order))
-        if local:  # RELION oversamples local searches by one HEALPix order
-            deltas = local_rotations(fine_step / 2, 2 * fine_step)
-            rel_shifts = translations(max(2 * fine_shift_step, 1.0), fine_shift_step)
+        if local:
+            # RELION oversamples local searches by one HEALPix order; the search reaches 1.5 steps
+            # (a cube grid of step/2 within 3 grid units) and two translation steps around the
+            # previous pose, whose Gaussian prior weighs the candidates.
+            if st.local_offset_step > 0:
+                fine_shift_step = st.local_offset_step
+            deltas = local_rotations(fine_step / 2, 1.5 * fine_step)
+            rel_shifts = translations(2 * fine_shift_step, fine_shift_step)
         else:
             coarse_mats, _ = orientations(opt.healpix_order, opt.sym, perturb=0.5, rng=self.rng)
             coarse_shifts = translations(opt.offset_range, opt.offset_step)
@@ -246,6 +277,8 @@ class _Refiner:
         resid_count = xp.zeros(n_shells)
         counts_full = _shell_sums(xp.ones((1, size, size // 2 + 1)), size, n_shells, xp)
         changes = np.zeros(self.n)
+        spread_rot = np.zeros(self.n)
+        spread_trans = np.zeros(self.n)
         for h in (1, 2):
             vol = refs[h - 1] * self.mask3d
             proj = Projector(vol, padding=opt.pad)
@@ -297,6 +330,8 @@ class _Refiner:
                 changes[rows] = to_numpy(angle_between(new_r, self.poses[rows]))
                 self.poses[rows] = new_r
                 self.offsets[rows] = centre_t + shifts_used[bt]
+                spread_rot[rows], spread_trans[rows] = _posterior_spread(
+                    b, img_i, to_numpy(w), cand[img_i, ori_i], new_r[img_i], shifts_used[sh_i] - shifts_used[bt[img_i]])
                 self.pmax[rows] = to_numpy(sig.pmax)
                 self.nsig[rows] = to_numpy(sig.n_significant)
                 self.loglik[rows] = to_numpy(sig.log_max)
@@ -316,24 +351,47 @@ class _Refiner:
         sigma2 = st.sigma2.copy()
         inner = (to_numpy(resid_count) > 0) & (np.arange(n_shells) <= size / 2 - 1)  # shells inside the mask
         sigma2[inner] = to_numpy(resid)[inner] / to_numpy(resid_count)[inner]
-        stats = {"size": size, "sigma2": sigma2, "changes": changes, "local": local}
+        stats = {"size": size, "sigma2": sigma2, "changes": changes, "local": local,
+                 "acc_rot": float(np.median(spread_rot)), "acc_trans": float(np.median(spread_trans))}
         return backprojectors, stats
 
     # -- maximisation --------------------------------------------------------------------------
-    def maximise(self, bps: list[BackProjector]) -> tuple[list[Any], np.ndarray, list[np.ndarray]]:
-        """Half maps regularised by tau2 from their FSC, joined below ``low_resol_join_halves``."""
+    def maximise(self, bps: list[BackProjector], prev: list[Any]) -> tuple[list[Any], np.ndarray, float]:
+        """Half maps regularised by tau2 from their FSC (or by SSRI), joined below ``low_resol_join_halves``.
+
+        Returns the new references, the gold-standard FSC of the plain (unregularised) half maps and
+        the seconds SSRI took (0 without it).
+        """
         xp = self.xp
         plain = [bp.reconstruct() for bp in bps]
         # Unmasked, as RELION during refinement: a shared mask would correlate the halves' noise.
         curve = fsc(plain[0], plain[1])
-        ssnr = np.clip(curve, 1e-6, 0.999)
-        ssnr = ssnr / (1 - ssnr)
-        refs = []
-        for bp in bps:
-            tau2 = self.opt.tau2_fudge * ssnr / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
-            refs.append(bp.reconstruct(tau2=xp.asarray(tau2)))
+        if self.opt.ssri is not None:
+            t = time.perf_counter()
+            refs = [self._ssri(bp, p, curve, f"half {h}") for h, (bp, p) in enumerate(zip(bps, prev), 1)]
+            seconds = time.perf_counter() - t
+            self.ssri_halves = [to_numpy(r) for r in refs]
+            log.info("  SSRI half maps: FSC 0.143 at %.2f Å (plain half maps %.2f Å), %.1f s",
+                     resolution_at(fsc(refs[0], refs[1]), self.box, self.px, 0.143).angstrom,
+                     resolution_at(curve, self.box, self.px, 0.143).angstrom, seconds)
+        else:
+            seconds = 0.0
+            ssnr = np.clip(curve, 1e-6, 0.999)
+            ssnr = ssnr / (1 - ssnr)
+            refs = []
+            for bp in bps:
+                tau2 = self.opt.tau2_fudge * ssnr / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
+                refs.append(bp.reconstruct(tau2=xp.asarray(tau2)))
         refs = self._join_low_resolution(refs)
-        return refs, curve, [to_numpy(p) for p in plain]
+        return refs, curve, seconds
+
+    def _ssri(self, bp: BackProjector, prev: Any, curve: np.ndarray, what: str) -> Any:
+        """SSRI's map from one back-projector, starting from (and kept close to) ``prev``."""
+        res = resolution_at(curve, self.box, self.px, 0.143).angstrom
+        radius = min(self.box / 2 - 1, self.box * self.px / max(res, 2 * self.px))
+        out = ssri_reconstruct(bp, prev * self.mask3d, radius, self.opt.ssri, self.rng)
+        log.info("  SSRI %s: %s", what, describe(out))
+        return out.volume
 
     def _join_low_resolution(self, refs: list[Any]) -> list[Any]:
         xp = self.xp
@@ -362,7 +420,8 @@ class _Refiner:
             "rlnDoCorrectCtf": int(self.opt.ctf), "rlnDoAutoRefine": 1, "rlnHealpixOrder": st.order,
             "rlnBestResolutionThusFar": 1.0 / st.best_resolution if st.best_resolution < 1e8 else 0.0,
             "rlnNumberOfIterWithoutResolutionGain": st.no_gain, "rlnHasConverged": int(st.converged),
-            "rlnSymmetryGroup": self.opt.sym, "rlnIniHighResolution": self.opt.ini_high}})
+            "rlnSymmetryGroup": self.opt.sym, "rlnIniHighResolution": self.opt.ini_high,
+            "rlnOffsetRange": self.opt.offset_range, "rlnOffsetStep": st.local_offset_step or self.opt.offset_step}})
 
     def write_data(self, path: Path) -> None:
         rot, tilt, psi = matrix_to_euler(self.poses)
@@ -425,6 +484,8 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
                     resolution=float(m["model_general"]["rlnCurrentResolution"].iloc[0]),
                     best_resolution=1.0 / best if best > 0 else 1e9,
                     no_gain=int(o["rlnNumberOfIterWithoutResolutionGain"]), converged=bool(o["rlnHasConverged"]),
+                    local_offset_step=float(o.get("rlnOffsetStep", 0.0)) if int(o["rlnHealpixOrder"])
+                    >= opt.auto_local_healpix_order else 0.0,
                     sigma2=m["model_optics_group_1"]["rlnSigma2Noise"].to_numpy(dtype=float))
         refs = [xp.asarray(read_map(Path(opt.out) / f"{prefix}_half{h}_class001.mrc")[0]) for h in (1, 2)]
         prev = read_particles(Path(opt.out) / f"{prefix}_data.star")
@@ -439,7 +500,8 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
     while not st.converged and st.iteration < opt.max_iter:
         st.iteration += 1
         bps, stats = r.iterate(st, refs)
-        refs, curve, _ = r.maximise(bps)
+        prev = refs
+        refs, curve, ssri_s = r.maximise(bps, prev)
         res = resolution_at(curve, r.box, r.px, 0.143).angstrom
         gained = res < st.best_resolution - 1e-3 and (r.box * r.px / res - r.box * r.px / st.best_resolution) >= 0.5
         st.no_gain = 0 if gained else st.no_gain + 1
@@ -451,16 +513,27 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
         step = angular_step(st.order)
         log.info("iteration %d: resolution %.2f Å (size %d), HEALPix order %d (%.2f°), median pose change %.2f°, "
                  "mean Pmax %.3f", st.iteration, res, stats["size"], st.order, step, change, float(r.pmax.mean()))
-        # Sampling finer than a quarter of the angle the resolution subtends at the particle's edge
-        # cannot help; at the finest useful sampling the run ends after two iterations without gain.
-        useful = math.degrees(res / (opt.particle_diameter / 2)) / 8
+        if opt.ssri is not None:
+            log.info("  SSRI added %.1f s to this iteration", ssri_s)
+        # RELION's rule: when the resolution stops improving and poses barely change, sample finer --
+        # unless the (oversampled) step is already below 75% of the accuracy with which the data
+        # fix the poses, in which case finer sampling cannot help and the run has converged.
+        acc_rot, acc_trans = stats["acc_rot"], stats["acc_trans"]
+        log.info("  pose accuracy (posterior spread): %.2f°, %.2f px", acc_rot, acc_trans)
         if st.no_gain >= 1 and change < 1.5 * step:
-            if step / 2 >= useful and st.order < opt.max_healpix_order:
+            # Global searches always go on to the local ones: there a broad posterior only says the
+            # reference is still poor.
+            fine_enough = (st.order >= opt.auto_local_healpix_order and step / 2 < 0.75 * acc_rot) \
+                or st.order >= opt.max_healpix_order
+            if fine_enough:
+                st.converged = True
+            else:
                 st.order += 1
                 st.no_gain = 0
-                log.info("sampling made finer: HEALPix order %d (%.2f°)", st.order, angular_step(st.order))
-            elif st.no_gain >= 2:
-                st.converged = True
+                if st.order >= opt.auto_local_healpix_order:
+                    st.local_offset_step = float(np.clip(0.75 * acc_trans, 0.25, opt.offset_step))
+                log.info("sampling made finer: HEALPix order %d (%.2f°), local offset step %.2f px", st.order,
+                         angular_step(st.order), st.local_offset_step)
         r.write_iteration(st, refs, curve, f"run_it{st.iteration:03d}")
     return _finish(r, st, bps, refs, curve)
 
@@ -477,9 +550,15 @@ def _finish(r: _Refiner, st: _State, bps: list[BackProjector], refs: list[Any], 
         joined = BackProjector(r.box, padding=r.opt.pad, xp=xp, symmetry=r.opt.sym)
         joined.add(bps[0])
         joined.add(bps[1])
-        full = np.clip(2 * curve / (1 + curve), 1e-6, 0.999)
-        tau2 = r.opt.tau2_fudge * (full / (1 - full)) / np.maximum(to_numpy(joined.mean_weight_per_shell()), 1e-30)
-        final = joined.reconstruct(tau2=xp.asarray(tau2))
+        if r.opt.ssri is not None:
+            final = r._ssri(joined, (refs[0] + refs[1]) / 2, curve, "both halves joined")
+            for h, vol in enumerate(r.ssri_halves, 1):
+                write_map(out / f"run_half{h}_class001_ssri.mrc", vol, r.px)
+        else:
+            full = np.clip(2 * curve / (1 + curve), 1e-6, 0.999)
+            tau2 = r.opt.tau2_fudge * (full / (1 - full)) / np.maximum(to_numpy(joined.mean_weight_per_shell()),
+                                                                       1e-30)
+            final = joined.reconstruct(tau2=xp.asarray(tau2))
     h1, h2 = out / "run_half1_class001_unfil.mrc", out / "run_half2_class001_unfil.mrc"
     write_map(h1, halves[0], r.px)
     write_map(h2, halves[1], r.px)

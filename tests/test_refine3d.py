@@ -95,3 +95,30 @@ def test_c2_symmetry_beats_c1(tmp_path, monkeypatch):
         final, _ = read_map(tmp_path / sym / "run_class001.mrc")
         vs_truth[sym] = resolution_at(fsc(final, vol), box, px, 0.5).angstrom
     assert gold["C2"] < gold["C1"] and vs_truth["C2"] <= vs_truth["C1"], (gold, vs_truth)
+
+
+@pytest.mark.slow
+def test_ssri_tune_on_the_refined_particles(cftr_set, capsys):
+    """The ordered search runs on a refinement's output and returns options refine3d accepts."""
+    root, _ = cftr_set
+    data = root / "Refine3D/job001/run_data.star"
+    if not data.exists():
+        pytest.skip("needs the refinement of test_refine_from_30A_reference_then_continue")
+    from reconstruct.cli import build_parser
+    from reconstruct.ssri_tune import SEARCH_GRID
+
+    assert reconstruct_main(["ssri-tune", "--i", str(data), "--ref", str(root / "Refine3D/job001/run_class001.mrc"),
+                             "--o", str(root / "tune"), "--particle_diameter", "150", "--subset", "200",
+                             "--project_dir", str(root)]) == 0
+    trials = read_star(root / "tune/ssri_tune.star")["ssri_tune"]
+    assert len(trials) == sum(len(v) for v in SEARCH_GRID.values())
+    # Each parameter's chosen value is at least as good as every value tried for it at its stage.
+    flags = capsys.readouterr().out.split("refine with: ")[1].split()
+    a = build_parser().parse_args(["refine3d", "--i", "x", "--ref", "y", "--o", "z", "--particle_diameter", "1",
+                                   *flags])
+    chosen = {"alpha": a.ssri_alpha, "beta": a.ssri_beta, "gamma": a.ssri_gamma, "epsp": a.ssri_epsp}
+    for name, value in chosen.items():
+        stage = trials[trials.rlnSsriParameter == name]
+        best = stage.rlnResolution.min()
+        assert stage[np.isclose(stage.rlnSsriValue, value)].rlnResolution.iloc[0] == pytest.approx(best)
+    assert a.ssri and a.ssri_no_search
