@@ -2,6 +2,8 @@
 
 import shutil
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,9 +36,17 @@ def test_refine_from_30A_reference_then_continue(cftr_set, monkeypatch):
     monkeypatch.chdir(root)
     args = ["refine3d", "--i", "Extract/job001/particles.star", "--ref", "ref30.mrc", "--o", "Refine3D/job001",
             "--particle_diameter", "150", "--ini_high", "30"]
-    # a run stopped after two iterations (as if killed), then continued to convergence
-    assert reconstruct_main([*args, "--iter", "2"]) == 0
-    assert (root / "Refine3D/job001/run_it002_optimiser.star").exists()
+    # a run killed (SIGKILL) in the middle of its third iteration, then continued to convergence
+    proc = subprocess.Popen([sys.executable, "-m", "reconstruct.cli", *args, "--iter", "15"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done2 = root / "Refine3D/job001/run_it002_optimiser.star"
+    t0 = time.monotonic()
+    while not done2.exists() and proc.poll() is None and time.monotonic() - t0 < 600:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into iteration 3
+    proc.kill()
+    proc.wait()
+    assert done2.exists() and not (root / "Refine3D/job001/run_class001.mrc").exists()
     assert reconstruct_main([*args, "--iter", "15", "--continue"]) == 0
     its = sorted(root.glob("Refine3D/job001/run_it*_optimiser.star"))
     assert its[0].name == "run_it001_optimiser.star" and len(its) > 3
