@@ -101,6 +101,7 @@ class RefineResult:
     resolution: float
     fsc: np.ndarray
     iterations: int
+    ssri_seconds: list[float] = field(default_factory=list)  # per iteration run in this call (--ssri)
 
 
 def _even(n: float) -> int:
@@ -497,6 +498,7 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
         st, refs = r.initial_state()
     bps: list[BackProjector] = []
     curve = np.zeros(r.box // 2 + 1)
+    ssri_seconds: list[float] = []
     while not st.converged and st.iteration < opt.max_iter:
         st.iteration += 1
         bps, stats = r.iterate(st, refs)
@@ -515,6 +517,7 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
                  "mean Pmax %.3f", st.iteration, res, stats["size"], st.order, step, change, float(r.pmax.mean()))
         if opt.ssri is not None:
             log.info("  SSRI added %.1f s to this iteration", ssri_s)
+            ssri_seconds.append(ssri_s)
         # RELION's rule: when the resolution stops improving and poses barely change, sample finer --
         # unless the (oversampled) step is already below 75% of the accuracy with which the data
         # fix the poses, in which case finer sampling cannot help and the run has converged.
@@ -535,7 +538,9 @@ def refine3d(opt: Refine3DOptions) -> RefineResult:
                 log.info("sampling made finer: HEALPix order %d (%.2f°), local offset step %.2f px", st.order,
                          angular_step(st.order), st.local_offset_step)
         r.write_iteration(st, refs, curve, f"run_it{st.iteration:03d}")
-    return _finish(r, st, bps, refs, curve)
+    result = _finish(r, st, bps, refs, curve)
+    result.ssri_seconds = ssri_seconds
+    return result
 
 
 def _finish(r: _Refiner, st: _State, bps: list[BackProjector], refs: list[Any], curve: np.ndarray) -> RefineResult:

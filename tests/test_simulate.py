@@ -8,7 +8,13 @@ from reconstruct.files import ImageSource, read_map, read_particles
 from reconstruct.files.star import read_table
 from reconstruct.fsc import fsc
 from reconstruct.projector import Projector
-from reconstruct.simulate import MovieSimulation, ParticleSimulation, simulate_movies, simulate_particles
+from reconstruct.simulate import (
+    MovieSimulation,
+    ParticleSimulation,
+    morph_maps,
+    simulate_movies,
+    simulate_particles,
+)
 from reconstruct.simulate.density import particle_radius
 from tests.helpers import ADK_CLOSED, ADK_OPEN, model_map
 
@@ -27,6 +33,22 @@ def test_open_and_closed_states_differ():
     a, b = model_map(ADK_CLOSED, 48, 2.0), model_map(ADK_OPEN, 48, 2.0)
     c = fsc(a, b)
     assert c[1] > 0.9 and c[3:12].max() < 0.6  # same envelope, different conformation
+
+
+def test_morph_is_a_continuum_between_the_states():
+    states = morph_maps(ADK_OPEN, ADK_CLOSED, 5, 48, 2.0)
+    open_map = model_map(ADK_OPEN, 48, 2.0)
+
+    def cc(a, b):
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    # the first state is the open model (the closed one is superposed on it); in between, each state
+    # is further from the open state and closer to the closed one than the last
+    assert cc(states[0], open_map) > 0.95
+    to_open = [cc(s, states[0]) for s in states]
+    to_closed = [cc(s, states[-1]) for s in states]
+    assert np.all(np.diff(to_open) < 0) and np.all(np.diff(to_closed) > 0), (to_open, to_closed)
+    np.testing.assert_allclose([s.sum() for s in states], states[0].sum(), rtol=1e-3)  # same atoms
 
 
 def test_particles_deterministic_and_truthful(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ Everything is deterministic for a given seed and writes a RELION-style project (
 the truth (maps, poses, labels, coordinates, drift) beside it, under ``truth/``.
 """
 
-from .density import atomic_model_map
+from .density import atomic_model_map, morph_maps
 from .movies import MovieSimulation, simulate_movies
 from .particles import ParticleSimulation, simulate_particles
 
@@ -12,6 +12,7 @@ __all__ = [
     "MovieSimulation",
     "ParticleSimulation",
     "atomic_model_map",
+    "morph_maps",
     "simulate_movies",
     "simulate_particles",
 ]
