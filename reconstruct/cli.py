@@ -61,6 +61,22 @@ def _cmd_refine3d(a: argparse.Namespace) -> None:
           "iterations")
 
 
+def _cmd_class2d(a: argparse.Namespace) -> None:
+    from .class2d import Class2DOptions, class2d
+
+    res = class2d(Class2DOptions(
+        star=Path(a.i), out=Path(a.o), particle_diameter=a.particle_diameter, n_classes=a.K, algorithm=a.algorithm,
+        n_iter=a.iter, psi_step=a.psi_step, offset_range=a.offset_range, offset_step=a.offset_step,
+        tau2_fudge=a.tau2_fudge, class_inactivity_threshold=a.class_inactivity_threshold,
+        center_classes=not a.dont_center_classes, ctf=not a.no_ctf, zero_mask=not a.no_zero_mask, pad=a.pad,
+        ini_subset=a.grad_ini_subset, fin_subset=a.grad_fin_subset, stepsize=a.grad_stepsize,
+        write_every=a.grad_write_iter, adaptive_fraction=a.adaptive_fraction, max_significant=a.maxsig,
+        batch=a.batch, seed=a.random_seed, gpu=a.gpu, resume=a.continue_run,
+        project_dir=Path(a.project_dir) if a.project_dir else None))
+    n_used = int((res.class_distribution > 0.001 / len(res.class_distribution)).sum())
+    print(f"{len(res.class_distribution)} classes ({n_used} non-empty) in {res.classes}; gallery {res.gallery}")
+
+
 def _ssri_options(a: argparse.Namespace) -> Any:
     from .ssri import SsriOptions
 
@@ -280,6 +296,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ssri_options(s)
     _gpu_flag(s)
     s.set_defaults(func=_cmd_refine3d)
+
+    s = sub.add_parser("class2d", formatter_class=HELP_FORMAT,
+                       help="2D classification, VDAM or EM (like RELION's Class2D job)",
+                       description="Classify particles into --K 2D class averages with in-plane rotation and "
+                                   "translation search and CTF correction. --algorithm vdam (RELION 4's default) "
+                                   "takes --iter mini-batches of growing size with adaptive-moment gradient steps, "
+                                   "replacing inactive classes; --algorithm em takes --iter full expectation-"
+                                   "maximisation passes. Writes RELION's run_it* files into --o (every "
+                                   "--grad_write_iter mini-batches and at the end) and run_classes.png, the "
+                                   "classes sorted by size; --continue resumes after the last written iteration.")
+    s.add_argument("--i", required=True, help="particle STAR file (with CTF parameters)")
+    s.add_argument("--o", required=True, help="output directory (files are DIR/run_*)")
+    s.add_argument("--K", type=int, default=50, help="number of classes")
+    s.add_argument("--particle_diameter", type=float, required=True,
+                   help="diameter of the circular mask on images and classes (Å)")
+    s.add_argument("--algorithm", choices=("vdam", "em"), default="vdam", help="optimisation algorithm")
+    s.add_argument("--iter", type=int, default=0,
+                   help="mini-batches (vdam) or iterations (em); 0 = 200 for vdam, 25 for em")
+    s.add_argument("--psi_step", type=float, default=6.0,
+                   help="in-plane angular step (degrees) after oversampling; the coarse search uses twice this")
+    s.add_argument("--offset_range", type=float, default=5.0,
+                   help="translational search range around each particle's previous offset (pixels)")
+    s.add_argument("--offset_step", type=float, default=1.0,
+                   help="translational step (pixels) after oversampling; the coarse search uses twice this")
+    s.add_argument("--tau2_fudge", type=float, default=2.0, help="regularisation parameter T")
+    s.add_argument("--class_inactivity_threshold", type=float, default=0.1,
+                   help="vdam: replace a class holding less than this fraction of an average class (0 = never)")
+    s.add_argument("--dont_center_classes", action="store_true", help="do not re-centre class averages")
+    s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
+    s.add_argument("--no_zero_mask", action="store_true", help="do not mask the particle images")
+    s.add_argument("--pad", type=float, default=2.0, help="padding factor of the Fourier grids")
+    s.add_argument("--grad_ini_subset", type=int, default=-1,
+                   help="vdam: initial mini-batch size (-1: 0.5%% of the particles, 200 to 10,000)")
+    s.add_argument("--grad_fin_subset", type=int, default=-1,
+                   help="vdam: final mini-batch size (-1: 5%% of the particles, 1,000 to 100,000)")
+    s.add_argument("--grad_stepsize", type=float, default=0.3,
+                   help="vdam: final step size (the first mini-batches take 0.9)")
+    s.add_argument("--grad_write_iter", type=int, default=10,
+                   help="vdam: write the outputs every this many mini-batches")
+    s.add_argument("--adaptive_fraction", type=float, default=0.999,
+                   help="posterior mass of the coarse poses oversampled per particle")
+    s.add_argument("--maxsig", type=int, default=-1, help="most coarse poses oversampled per particle (-1: 5 K)")
+    s.add_argument("--batch", type=int, default=256, help="particles per E-step batch (lower it if memory is short)")
+    s.add_argument("--random_seed", type=int, default=0, help="seed of the initial references and mini-batches")
+    s.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="resume from the last written iteration in --o")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _gpu_flag(s)
+    s.set_defaults(func=_cmd_class2d)
 
     s = sub.add_parser("ssri-tune", formatter_class=HELP_FORMAT,
                        help="search SSRI's parameters on a refined subset (the OPUS-SSRI paper's ordered search)",

@@ -44,3 +44,32 @@ def plot_fsc(curves: Mapping[str, np.ndarray], box: int, pixel_size: float, out:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
+
+
+def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Path, title: str = "2D classes",
+                       columns: int = 10) -> Path:
+    """Write class averages (K, N, N) as a grid sorted by class size, each labelled with its number and share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-np.asarray(distribution), kind="stable")
+    k = len(order)
+    cols = min(columns, k)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.4), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, c in zip(axes.ravel(), order):
+        img = refs[c]
+        lo, hi = np.percentile(img, [1, 99.5])
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
+        ax.set_title(f"{c + 1}: {100 * distribution[c]:.1f}%", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,795 @@
+"""2D classification (RELION's Class2D job): VDAM mini-batches by default, or EM over all particles.
+
+Each mini-batch (or EM iteration): an E-step over every particle of the batch -- a coarse search over
+K classes x in-plane angles (twice the psi step) x translations (twice the offset step, around each
+particle's previous offset), then every significant coarse pose oversampled once (2 angles x 4
+offsets), as RELION's adaptive oversampling -- and an M-step that back-projects the residuals
+w c (X - c A) / sigma2 and weights w c^2 / sigma2 of each half set (particle index mod 2) into the
+class grids, from which :mod:`reconstruct.vdam` takes one step.  Samples of one class and in-plane
+angle are summed before they are back-projected, so the back-projection costs at most K x angles
+slices per batch whatever the number of particles.  Everything is batched over particles x classes x
+angles x translations; nothing loops over particles or poses in Python.
+
+Outputs are RELION's: ``run_itNNN_{classes.mrcs,model.star,data.star,optimiser.star}`` (and the VDAM
+moments) every ``--grad_write_iter`` mini-batches and at the end, and a class gallery sorted by
+class size.  ``--continue`` resumes from the last written iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .backend import get_xp, to_numpy
+from .class_grids import ClassGrids
+from .files.errors import InputError
+from .files.mrc import read_map, write_stack
+from .files.stack import ImageSource
+from .files.star import read_particles, read_star, write_star
+from .fourier import centred_fft, crop_half, shift_images
+from .geometry import rotation_2d
+from .likelihood import fourier_mask, friedel_weights, score_poses, significant_posteriors
+from .masks import soft_sphere
+from .memory import check_fits
+from .particles import CtfSource, origins_px
+from .progress import progress
+from .refine3d import image_power_spectrum
+from .sampling import translations
+from .vdam import Moments, VdamSchedule, apply_step, class_steps, direction_power, fsc_weights, update_moments
+
+log = logging.getLogger("reconstruct")
+
+
+@dataclass
+class Class2DOptions:
+    """Options of ``reconstruct class2d``, with RELION's names and the Class2D job's defaults."""
+
+    star: Path  # --i
+    out: Path  # --o: output directory; files are DIR/run_*
+    particle_diameter: float  # --particle_diameter (Å)
+    n_classes: int = 50  # --K
+    algorithm: str = "vdam"  # --algorithm: vdam (RELION 4's default) or em
+    n_iter: int = 0  # --iter: 0 = 200 mini-batches (vdam) or 25 iterations (em)
+    psi_step: float = 6.0  # --psi_step (degrees; searched coarsely at twice this, then oversampled)
+    offset_range: float = 5.0  # --offset_range (px, around each particle's previous offset)
+    offset_step: float = 1.0  # --offset_step (px; searched coarsely at twice this)
+    tau2_fudge: float = 2.0  # --tau2_fudge (T)
+    class_inactivity_threshold: float = 0.1  # --class_inactivity_threshold (0 = no replacement)
+    center_classes: bool = True  # --center_classes
+    ctf: bool = True  # --ctf
+    zero_mask: bool = True  # --zero_mask
+    pad: float = 2.0  # --pad
+    ini_subset: int = -1  # --grad_ini_subset (-1: 0.5% of the particles, 200..10000)
+    fin_subset: int = -1  # --grad_fin_subset (-1: 5% of the particles, 1000..100000)
+    stepsize: float = 0.3  # --grad_stepsize (final)
+    write_every: int = 10  # --grad_write_iter
+    adaptive_fraction: float = 0.999  # --adaptive_fraction
+    max_significant: int = -1  # --maxsig (-1: 5 K for vdam, none for em)
+    batch: int = 256  # --batch: particles per E-step chunk
+    seed: int = 0  # --random_seed
+    gpu: bool = False  # --gpu
+    resume: bool = False  # --continue
+    project_dir: Path | None = None
+
+
+@dataclass
+class Class2DResult:
+    """Where the final outputs are, and the numbers a caller wants."""
+
+    classes: Path
+    model_star: Path
+    data_star: Path
+    gallery: Path
+    iterations: int
+    class_distribution: np.ndarray
+    resolution: float
+
+
+@dataclass
+class _State:
+    it: int
+    refs: Any  # (K, N, N) real-space references
+    mom: Moments
+    pi: np.ndarray  # (K,)
+    sigma2: np.ndarray  # (N/2+1,) noise power per complex coefficient
+    sigma_offset: float  # px
+    resolution_shell: int
+    fsc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (K, N/2+2)
+    acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    acc_trans: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    completeness: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    loglik: float = 0.0
+    avg_pmax: float = 0.0
+    changes_classes: float = 0.0  # fraction of the batch's particles that changed class
+
+
+def _even(n: float) -> int:
+    m = math.ceil(n)
+    return m + (m % 2)
+
+
+class _Classifier:
+    def __init__(self, opt: Class2DOptions) -> None:
+        if opt.algorithm not in ("vdam", "em"):
+            raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
+        if opt.n_classes < 1:
+            raise ValueError("--K must be at least 1")
+        self.opt = opt
+        self.em = opt.algorithm == "em"
+        self.xp = get_xp(opt.gpu)
+        self.out = Path(opt.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.table = read_particles(opt.star)
+        self.src = ImageSource(self.table, opt.project_dir)
+        self.box, self.px = self.src.box, self.src.pixel_size
+        self.n, self.k = len(self.table), opt.n_classes
+        radius_px = opt.particle_diameter / (2 * self.px)
+        if radius_px > self.box / 2:
+            raise InputError(opt.star, f"--particle_diameter {opt.particle_diameter:g} Å is larger than the "
+                             f"box ({self.box} px x {self.px:.3f} Å)", "give the particle's diameter in Å")
+        self.grids = ClassGrids(self.box, self.k, 2, opt.pad, self.xp)
+        # Grids, moments, two halves of data and weights, projections: a rough upper bound.
+        n_slices = self.k * round(720 / opt.psi_step)
+        need = self.grids.cells * self.k * 8 * 9 + n_slices * self.box * (self.box // 2 + 1) * 8
+        check_fits(need, self.xp, f"2D classification of K={self.k} classes at box {self.box}",
+                   "use fewer classes (--K), a coarser --psi_step or downsampled particles")
+        self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
+        self.mask = soft_sphere((self.box, self.box), radius_px, 5.0, self.xp)
+        self.n_iter = opt.n_iter or (25 if self.em else 200)
+        self.schedule = VdamSchedule(n_iter=self.n_iter, n_particles=self.n, ini_subset=opt.ini_subset,
+                                     fin_subset=opt.fin_subset, stepsize=opt.stepsize,
+                                     tau2_fudge=opt.tau2_fudge, kind="2d")
+        self.maxsig = opt.max_significant if opt.max_significant >= 0 else 5 * self.k
+        self.psi_coarse = np.arange(0.0, 360.0, 2 * opt.psi_step)
+        self.psi_fine = (self.psi_coarse[:, None] + np.array([-0.5, 0.5]) * opt.psi_step).ravel() % 360
+        self.shifts_coarse = translations(opt.offset_range, 2 * opt.offset_step)
+        self.shift_children = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * (0.5 * opt.offset_step)
+        data = self.table.data
+        self.cls = np.arange(self.n) % self.k
+        self.psi = np.array(data["rlnAnglePsi"], dtype=float) if "rlnAnglePsi" in data else np.zeros(self.n)
+        self.offsets = np.array(origins_px(self.table, self.px), dtype=float)
+        self.pmax = np.zeros(self.n)
+        self.nsig = np.zeros(self.n, dtype=int)
+        self.loglik = np.zeros(self.n)
+        # The F floor: RELION's 1 with its FFT normalised by 1/N^2, in our unnormalised units.
+        self.floor = float(self.box) ** -4
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def initial_state(self) -> _State:
+        """RELION's start: noise from the images' power, references of random Gaussian blobs."""
+        opt, xp = self.opt, self.xp
+        rng = np.random.default_rng(opt.seed)
+        rows = np.arange(min(self.n, 1000))
+        sigma2 = image_power_spectrum(self.src, rows, opt.batch, xp)
+        seed = self.seed_references(rows, sigma2, rng)
+        refs = self.blob_references(seed, rng)
+        return _State(0, refs, Moments.empty(self.grids), np.full(self.k, 1.0 / self.k), sigma2,
+                      opt.offset_range, 5, np.zeros((self.k, self.box // 2 + 2)), np.zeros(self.k),
+                      np.zeros(self.k), np.zeros((self.k, self.box // 2 + 2)))
+
+    def seed_references(self, rows: np.ndarray, sigma2: np.ndarray, rng: np.random.Generator) -> Any:
+        """Per class, the CTF-weighted average of its share of ``rows`` at random in-plane angles."""
+        xp, g = self.xp, self.grids
+        d, w = g.zeros(), g.zeros(xp.float32)
+        inv_s2 = xp.asarray(_inverse_sigma2(sigma2, self.box), dtype=xp.float32)
+        for r, imgs in self.src.batches(self.opt.batch, rows):
+            x = centred_fft(xp.asarray(imgs) * self.mask, 2)
+            c = self.ctf(r, xp) if self.ctf else xp.ones(x.shape, xp.float32)
+            rot = rotation_2d(rng.uniform(0, 360, r.size))
+            g.insert(d, w, r % self.k, rot, x * c * inv_s2, c * c * inv_s2)
+        d, w = g.friedel(d), g.friedel(w, conjugate=False)
+        mean_w = float(w[w > 0].mean()) if bool((w > 0).any()) else 1.0
+        return g.images(d / (w + 0.1 * mean_w))
+
+    def blob_references(self, seed: Any, rng: np.random.Generator) -> Any:
+        """40 positive minus half of 40 negative Gaussian blobs per class, each class its own, on the
+        seed's grey-scale, masked (RELION's ``make_blobs_2d``)."""
+        xp, n = self.xp, self.box
+        d = self.opt.particle_diameter / self.px
+        seed = to_numpy(seed)
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+        refs = np.zeros((self.k, n, n), np.float32)
+        for k in range(self.k):  # K images of 80 blobs: set-up only
+            out = np.zeros((n, n), np.float32)
+            for sign in (1.0, -0.5):
+                c = rng.normal(n / 2, d / 7, size=(40, 2))
+                ci = np.round(c).astype(int)
+                ok = ((ci >= 0) & (ci < n)).all(axis=1)
+                amp = np.where(ok, np.abs(seed[k][np.clip(ci[:, 1], 0, n - 1), np.clip(ci[:, 0], 0, n - 1)]), 0)
+                r2 = (xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2
+                out += sign * (amp[:, None, None] * np.exp(-r2 * (10 / d) ** 2)).sum(0)
+            std = out.std()
+            refs[k] = out * (seed[k].std() / std if std > 0 else 0)
+        mask = to_numpy(self.mask)
+        outside = 1 - mask
+        bg = (refs * outside).sum((1, 2), keepdims=True) / max(float(outside.sum()), 1e-6)
+        return xp.asarray(refs * mask + bg * outside)
+
+    # -- one mini-batch ---------------------------------------------------------------------------
+    def current_size(self, st: _State) -> int:
+        return min(self.box, max(16, _even(2 * (st.resolution_shell + 10))))
+
+    def iterate(self, st: _State, rows: np.ndarray, full_pass: bool) -> dict[str, Any]:
+        """E-step over ``rows`` and accumulation of the half sets' residuals and weights."""
+        xp, opt, g = self.xp, self.opt, self.grids
+        size = self.current_size(st)
+        mask2d = fourier_mask(size, size / 2 - 1, xp)
+        inv_s2 = xp.asarray(_inverse_sigma2(st.sigma2, size), dtype=xp.float32) * mask2d
+        proj_grid = g.transform(st.refs, gridding_correction=True)
+        kc, kf = self.psi_coarse.size, self.psi_fine.size
+        coarse = g.project(proj_grid, np.repeat(np.arange(self.k), kc), np.tile(rotation_2d(self.psi_coarse),
+                                                                                (self.k, 1, 1)), size)
+        fine = g.project(proj_grid, np.repeat(np.arange(self.k), kf), np.tile(rotation_2d(self.psi_fine),
+                                                                              (self.k, 1, 1)), size)
+        log_pi = xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)
+        n_freq = int(mask2d.sum())
+        acc = {"gd": xp.zeros((2 * self.k * kf, n_freq), xp.complex64),
+               "gw": xp.zeros((2 * self.k * kf, n_freq), xp.float32),
+               "resid": np.zeros(self.box // 2 + 1), "resid_n": np.zeros(self.box // 2 + 1),
+               "class_mass": np.zeros(self.k), "offset2": 0.0, "n": 0, "changed": 0,
+               "spread_rot": np.zeros(self.k), "spread_trans": np.zeros(self.k), "spread_n": np.zeros(self.k)}
+        nb = -(-rows.size // opt.batch)
+        desc = f"{'iteration' if self.em else 'mini-batch'} {st.it}/{self.n_iter}"
+        for r, imgs in progress(self.src.batches(opt.batch, rows), nb, desc, "batch", quiet=nb < 4):
+            self._estep(r, xp.asarray(imgs), size, mask2d, inv_s2, coarse, fine, log_pi, st, acc)
+        # The per-(class, angle) sums are back-projected once: K x angles slices at most.
+        gd, gw = g.zeros(), g.zeros(xp.float32)
+        gd2 = xp.zeros((2, *gd.shape), xp.complex64)
+        gw2 = xp.zeros((2, *gw.shape), xp.float32)
+        classes = np.repeat(np.arange(self.k), kf)
+        rots = np.tile(rotation_2d(self.psi_fine), (self.k, 1, 1))
+        for h in (0, 1):
+            part = slice(h * self.k * kf, (h + 1) * self.k * kf)
+            sel = np.nonzero(to_numpy(acc["gw"][part].sum(axis=1)) > 0)[0]
+            for s in range(0, sel.size, 512):  # bounded (slices x S^2) temporaries
+                pick = sel[s:s + 512]
+                d_img = xp.zeros((pick.size, size, size // 2 + 1), xp.complex64)
+                w_img = xp.zeros((pick.size, size, size // 2 + 1), xp.float32)
+                d_img[:, mask2d] = acc["gd"][part][xp.asarray(pick)]
+                w_img[:, mask2d] = acc["gw"][part][xp.asarray(pick)]
+                g.insert(gd2[h], gw2[h], classes[pick], rots[pick], d_img, w_img)
+            gd2[h] = g.friedel(gd2[h])
+            gw2[h] = g.friedel(gw2[h], conjugate=False)
+        acc["g_half"], acc["f_half"], acc["size"] = gd2, gw2, size
+        return acc
+
+    def _estep(self, rows: np.ndarray, imgs: Any, size: int, mask2d: Any, inv_s2: Any, coarse: Any, fine: Any,
+               log_pi: Any, st: _State, acc: dict[str, Any]) -> None:
+        xp, opt = self.xp, self.opt
+        b = rows.size
+        kc, kf = self.psi_coarse.size, self.psi_fine.size
+        prev = self.offsets[rows]
+        # Centre each image on its previous offset, mask it, and go to Fourier space at the current size.
+        centred = shift_images(imgs, xp.asarray(prev, dtype=xp.float32))
+        if opt.zero_mask:
+            centred = centred * self.mask
+        x = crop_half(centred_fft(centred, 2), size)
+        c = crop_half(self.ctf(rows, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
+        sc = self.shifts_coarse
+        logl = score_poses(x, c, coarse, sc, inv_s2, self.box, mask2d)  # (B, K kc, Tc)
+        tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)  # (B, Tc, 2) absolute offsets
+        s2 = 2 * st.sigma_offset**2
+        prior_t = -(tot**2).sum(-1) / s2
+        logl = logl + xp.repeat(log_pi, kc)[None, :, None] + prior_t[:, None, :]
+        sig = significant_posteriors(logl, opt.adaptive_fraction, self.maxsig)
+        img, m, t = sig.image, sig.orient, sig.shift
+        e = int(img.shape[0])
+        # Oversampling: two finer angles x four finer offsets around every significant coarse pose.
+        cls_e = m // kc
+        fine_idx = (cls_e * kf + 2 * (m % kc))[:, None] + xp.arange(2)[None]  # (E, 2)
+        t_abs = xp.asarray(sc, dtype=xp.float32)[t][:, None, :] + xp.asarray(self.shift_children,
+                                                                             dtype=xp.float32)[None]  # (E, 4, 2)
+        w_freq = friedel_weights(size, xp) * inv_s2
+        mk = mask2d
+        xm = x[:, mk]  # (B, F)
+        cm = c[:, mk]
+        wm = w_freq[mk]
+        pm = fine[:, mk]  # (K kf, F)
+        ky, kx = (a.astype(xp.float32) for a in _freq_vectors(size, mk, xp))
+        # Phase factors of the few distinct fine offsets (coarse offset x child): (Tc, 4, F).
+        rel = xp.asarray(sc[:, None, :] + self.shift_children[None], dtype=xp.float32)
+        table = xp.exp((-2j * xp.pi / size) * (rel[..., 0, None] * kx + rel[..., 1, None] * ky)).astype(xp.complex64)
+        scores = xp.empty((e, 2, 4), xp.float32)
+        chunk = max(1, (1 << 22) // max(int(xm.shape[1]) * 8, 1))
+        for s in range(0, e, chunk):
+            sl = slice(s, s + chunk)
+            ie = img[sl]
+            p = pm[fine_idx[sl]]  # (e, 2, F)
+            # Re sum conj(X shifted) C P 2w = Re sum (conj(X) C 2w P) conj(phase): batched real matmuls.
+            y = (xp.conj(xm[ie]) * (cm[ie] * (2 * wm)))[:, None, :] * p  # (e, 2, F)
+            ph = table[t[sl]]  # (e, 4, F)
+            cross = xp.matmul(y.real, xp.swapaxes(ph.real, 1, 2)) + xp.matmul(y.imag, xp.swapaxes(ph.imag, 1, 2))
+            power = xp.einsum("ef,ejf->ej", cm[ie] ** 2 * wm, p.real**2 + p.imag**2)
+            scores[sl] = (cross - power[:, :, None]).astype(xp.float32)
+        tot_f = xp.asarray(prev, dtype=xp.float32)[img][:, None, :] + t_abs  # (E, 4, 2)
+        lf = scores + log_pi[cls_e][:, None, None] - ((tot_f**2).sum(-1) / s2)[:, None, :]
+        # Normalise over each image's fine samples.
+        flat = lf.reshape(e, 8)
+        top = xp.full(b, -xp.inf, dtype=xp.float32)
+        _maximum_at(xp, top, img, flat.max(axis=1))
+        pw = xp.exp(flat - top[img][:, None])
+        norm = xp.bincount(img, weights=pw.sum(axis=1), minlength=b)
+        pw = pw / norm[img][:, None]
+        # Best pose and statistics per image.
+        best_e, best_s = _argmax_per_image(xp, img, pw, b)
+        j, s_idx = best_s // 4, best_s % 4
+        best_cls = to_numpy(cls_e[best_e])
+        new_psi = self.psi_fine[to_numpy(fine_idx[best_e, j]) % kf]
+        new_off = to_numpy(tot_f[best_e, s_idx])
+        rows_np = rows
+        d_psi = (self.psi_fine[to_numpy(fine_idx % kf)] - new_psi[to_numpy(img)][:, None] + 180) % 360 - 180
+        d_off = to_numpy(tot_f) - new_off[to_numpy(img)][:, None, :]
+        pw_np = to_numpy(pw).reshape(e, 2, 4)
+        img_np = to_numpy(img)
+        rot2 = np.bincount(img_np, weights=(pw_np * (d_psi**2)[:, :, None]).sum((1, 2)), minlength=b)
+        tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
+        np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
+        np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
+        np.add.at(acc["spread_n"], best_cls, 1)
+        acc["changed"] += int((self.cls[rows_np] != best_cls).sum())
+        self.cls[rows_np], self.psi[rows_np], self.offsets[rows_np] = best_cls, new_psi, new_off
+        self.pmax[rows_np] = to_numpy(_max_per_image(xp, img, pw, b))
+        self.nsig[rows_np] = to_numpy(sig.n_significant)
+        const = to_numpy(((xp.abs(xm) ** 2) * wm).sum(axis=1))  # the dropped -sum |X|^2 / sigma2
+        self.loglik[rows_np] = to_numpy(top + xp.log(norm)) - const
+        np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
+        acc["offset2"] += float((new_off**2).sum())
+        acc["n"] += b
+        # Noise: residual power of each image at its best pose, per shell.
+        xb = xm[xp.asarray(to_numpy(img[best_e]))] * xp.exp(
+            (-2j * xp.pi / size) * (xp.asarray(new_off - prev, dtype=xp.float32)[:, 0, None] * kx
+                                    + xp.asarray(new_off - prev, dtype=xp.float32)[:, 1, None] * ky))
+        pb = pm[fine_idx[best_e, j]]
+        res = xp.abs(xb - cm * pb) ** 2
+        shells = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
+        acc["resid"] += to_numpy(xp.bincount(shells, weights=res.sum(axis=0), minlength=self.box // 2 + 1))[
+            : self.box // 2 + 1]
+        acc["resid_n"] += b * to_numpy(xp.bincount(shells, minlength=self.box // 2 + 1))[: self.box // 2 + 1]
+        # M-step sums per (half set, class, fine angle) of w c (X - c A) / sigma2 and w c^2 / sigma2,
+        # over the entries that carry any weight.
+        wt_all = pw.reshape(e, 2, 4)
+        wt_all = wt_all * (wt_all > 1e-6)
+        live = xp.nonzero(wt_all.reshape(e, 8).sum(axis=1) > 0)[0]
+        half = xp.asarray(rows % 2)[img]  # (E,)
+        inv_m = inv_s2[mk][None]
+        for s in range(0, int(live.shape[0]), chunk):
+            ent = live[s:s + chunk]
+            ie = img[ent]
+            p = pm[fine_idx[ent]]  # (e, 2, F)
+            wt = wt_all[ent]  # (e, 2, 4)
+            # sum_s w_js X shifted by s = X * (sum_s w_js phase_s): one small matmul
+            wph = xp.matmul(wt.astype(xp.complex64), table[t[ent]])  # (e, 2, F)
+            wsum = wt.sum(axis=2)  # (e, 2)
+            cw = cm[ie] * inv_m  # (e, F)
+            resid = cw[:, None, :] * (xm[ie][:, None, :] * wph - wsum[:, :, None] * cm[ie][:, None, :] * p)
+            wgt = wsum[:, :, None] * (cm[ie] * cw)[:, None, :]
+            gidx = (half[ent][:, None] * (self.k * kf) + fine_idx[ent]).ravel()
+            _add_rows(xp, acc["gd"], gidx, resid.reshape(-1, resid.shape[-1]))
+            _add_rows(xp, acc["gw"], gidx, wgt.reshape(-1, wgt.shape[-1]))
+
+    # -- maximisation -------------------------------------------------------------------------------
+    def maximise(self, st: _State, acc: dict[str, Any], it: int, full_pass: bool) -> None:
+        """Other parameters (running averages), then one VDAM (or EM) step of the references."""
+        xp, g, opt = self.xp, self.grids, self.opt
+        mu = 0.0 if (full_pass or self.em) else 0.9
+        n = max(acc["n"], 1)
+        pi_prev = st.pi.copy()
+        st.changes_classes = acc["changed"] / n
+        st.pi = mu * st.pi + (1 - mu) * acc["class_mass"] / n
+        st.pi /= max(st.pi.sum(), 1e-30)
+        valid = acc["resid_n"] > 0
+        st.sigma2[valid] = mu * st.sigma2[valid] + (1 - mu) * acc["resid"][valid] / acc["resid_n"][valid]
+        st.sigma_offset = max(0.5, math.sqrt(mu * st.sigma_offset**2 + (1 - mu) * acc["offset2"] / (2 * n)))
+        seen = acc["spread_n"] > 0
+        st.acc_rot[seen] = acc["spread_rot"][seen] / acc["spread_n"][seen]
+        st.acc_trans[seen] = acc["spread_trans"][seen] / acc["spread_n"][seen]
+        radius = acc["size"] / 2
+        v = g.transform(st.refs, gridding_correction=False)
+        direction = update_moments(g, acc["g_half"], acc["f_half"], st.mom, self.floor, em=self.em)
+        tau2 = opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(it)
+        fsc = fsc_weights(g, v, st.mom, tau2, radius)
+        eta = np.ones(self.k) if self.em else class_steps(self.schedule.step(it), st.pi)
+        skip: list[int] = []
+        if not self.em and opt.class_inactivity_threshold > 0 and self.schedule.replacing(it):
+            skip = self.replace_class(st, v, direction, fsc, pi_prev, radius)
+        v = apply_step(g, v, direction, fsc, eta, radius, skip)
+        refs = g.images(v)
+        n_ini, n_mid, _ = self.schedule.phases
+        if opt.center_classes and (self.em or it <= n_ini + n_mid or it >= self.n_iter):
+            refs = self.centre(st, refs)
+        st.refs = refs * self.mask  # --flatten_solvent: zero outside the particle's circle
+        st.fsc = to_numpy(fsc)
+        covered = (acc["f_half"].sum(axis=0) > 0).astype(xp.float32)
+        from .vdam import shell_means
+
+        shells = g.shell_index()
+        st.completeness = to_numpy(shell_means(covered, shells, self.box // 2 + 2, shells <= self.box // 2 + 1))
+        active = st.pi > 0.5 / (self.k * max(n, 1)) if self.k > 1 else np.ones(1, bool)
+        st.resolution_shell = max(5, max((_last_shell(st.fsc[k], 0.5) for k in np.nonzero(active)[0]), default=5))
+        st.avg_pmax = float(self.pmax[self.pmax > 0].mean()) if bool((self.pmax > 0).any()) else 0.0
+        st.loglik = float(self.loglik.sum())
+
+    def replace_class(self, st: _State, v: Any, direction: Any, fsc: Any, pi_prev: np.ndarray,
+                      radius: float) -> list[int]:
+        """RELION's class replacement: the emptiest class becomes a copy of the busiest one, if tiny."""
+        k_active = int((pi_prev > 0).sum())
+        a = int(np.argmin(pi_prev))
+        b = int(np.argmax(st.pi * direction_power(self.grids, direction, radius)))
+        if a == b or k_active == 0 or pi_prev[a] >= self.opt.class_inactivity_threshold / k_active:
+            return []
+        v[a] = v[b]
+        st.mom.m[:, a] = st.mom.m[:, b]
+        st.mom.m[0, a] *= 0.9  # so that the two copies drift apart
+        st.mom.u[a] = st.mom.u[b]
+        fsc[a] = fsc[b]
+        st.pi[a] = st.pi[b]
+        st.pi /= st.pi.sum()
+        st.acc_rot[a], st.acc_trans[a] = st.acc_rot[b], st.acc_trans[b]
+        log.info("  class %d (%.2f%% of the particles) replaced by a copy of class %d", a + 1, 100 * pi_prev[a],
+                 b + 1)
+        return [a]
+
+    def centre(self, st: _State, refs: Any) -> Any:
+        """Move each class's centre of mass to the box centre (and its moments with it)."""
+        xp, opt = self.xp, self.opt
+        pos = xp.maximum(refs, 0) * self.mask
+        total = pos.sum(axis=(1, 2))
+        idx = xp.arange(self.box, dtype=xp.float32) - self.box // 2
+        cx = (pos.sum(axis=1) * idx).sum(axis=1) / xp.maximum(total, 1e-30)
+        cy = (pos.sum(axis=2) * idx).sum(axis=1) / xp.maximum(total, 1e-30)
+        shift = -to_numpy(xp.stack([cx, cy], 1))
+        norm = np.hypot(*shift.T)
+        cap = np.minimum(1.0, opt.offset_range / np.maximum(norm, 1e-9))
+        shift *= cap[:, None]
+        small = norm < max(0.01 * opt.particle_diameter / self.px, 2.0)
+        shift[small] = 0.0
+        if not bool((~small).any()):
+            return refs
+        for h in (0, 1):
+            st.mom.m[h] = self.grids.shift(st.mom.m[h], shift)
+        return shift_images(refs, xp.asarray(shift, dtype=xp.float32))
+
+    # -- files ------------------------------------------------------------------------------------
+    def write(self, st: _State, it: int) -> None:
+        """RELION's run_itNNN_* files; the optimiser file last, as the mark of a complete iteration."""
+        root = self.out / f"run_it{it:03d}"
+        refs = to_numpy(st.refs)
+        write_stack(f"{root}_classes.mrcs", refs, self.px)
+        if not self.em:
+            core = (slice(None),) + self.grids.core
+            m = to_numpy(st.mom.m[(slice(None),) + core]).reshape(2 * self.k, *self.grids.core_shape)
+            write_stack(f"{root}_1moment.mrcs", _interleave(np.fft.ifftshift(m, axes=1)), self.px)
+            u = to_numpy(st.mom.u[core])
+            write_stack(f"{root}_2moment.mrcs", np.fft.ifftshift(u, axes=1), self.px)
+        self.write_data(Path(f"{root}_data.star"))
+        self.write_model(st, Path(f"{root}_model.star"), root.name)
+        self.write_optimiser(st, it, Path(f"{root}_optimiser.star"), root.name)
+
+    def write_data(self, path: Path) -> None:
+        df = self.table.data.copy()
+        for c in ("rlnAngleRot", "rlnAngleTilt", "rlnOriginX", "rlnOriginY"):
+            if c in df.columns:
+                df = df.drop(columns=c)
+        df["rlnAnglePsi"] = self.psi
+        df["rlnOriginXAngst"] = self.offsets[:, 0] * self.px
+        df["rlnOriginYAngst"] = self.offsets[:, 1] * self.px
+        df["rlnClassNumber"] = self.cls + 1
+        df["rlnNormCorrection"] = 1.0
+        df["rlnLogLikeliContribution"] = self.loglik
+        df["rlnMaxValueProbDistribution"] = self.pmax
+        df["rlnNrOfSignificantSamples"] = self.nsig
+        if "rlnGroupNumber" not in df.columns:
+            df["rlnGroupNumber"] = df["rlnOpticsGroup"].astype(int)
+        write_star(path, {"optics": self.table.optics, "particles": df})
+
+    def write_model(self, st: _State, path: Path, root: str) -> None:
+        n_sh = self.box // 2 + 1
+        shells = np.arange(n_sh)
+        res_a = np.where(shells > 0, self.box * self.px / np.maximum(shells, 1), 999.0)
+        general = {"rlnReferenceDimensionality": 2, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
+                   "rlnCurrentResolution": self.box * self.px / st.resolution_shell,
+                   "rlnCurrentImageSize": self.current_size(st), "rlnPaddingFactor": self.opt.pad,
+                   "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+                   "rlnPixelSize": self.px, "rlnNrClasses": self.k, "rlnNrBodies": 1, "rlnNrGroups": 1,
+                   "rlnNrOpticsGroups": len(self.table.optics),
+                   "rlnTau2FudgeFactor": self.opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(st.it),
+                   "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
+                   "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
+                   "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": st.loglik, "rlnAveragePmax": st.avg_pmax}
+        ssnr = st.fsc[:, :n_sh] / np.maximum(1 - st.fsc[:, :n_sh], 1e-6)
+        est = np.array([self.box * self.px / max(_last_shell(st.fsc[k], 0.5), 1) for k in range(self.k)])
+        completeness = np.array([st.completeness[k, 1:max(_last_shell(st.fsc[k], 0.5), 1) + 1].mean()
+                                 for k in range(self.k)])
+        classes = pd.DataFrame({
+            "rlnReferenceImage": [f"{k + 1:06d}@{self.out / root}_classes.mrcs" for k in range(self.k)],
+            "rlnClassDistribution": st.pi,
+            "rlnAccuracyRotations": st.acc_rot,
+            "rlnAccuracyTranslationsAngst": st.acc_trans * self.px,
+            "rlnEstimatedResolution": est,
+            "rlnOverallFourierCompleteness": completeness,
+            "rlnClassPriorOffsetX": 0.0,
+            "rlnClassPriorOffsetY": 0.0,
+        })
+        if not self.em:
+            classes.insert(1, "rlnGradMoment1", [f"{k + 1:06d}@{self.out / root}_1moment.mrcs" for k in range(self.k)])
+            classes.insert(2, "rlnGradMoment2", [f"{k + 1:06d}@{self.out / root}_2moment.mrcs" for k in range(self.k)])
+        blocks: dict[str, Any] = {"model_general": general, "model_classes": classes}
+        power = np.abs(to_numpy(self.grids.transform(st.refs, False))) ** 2
+        tau2 = to_numpy(_shell_curve(power, self.grids, n_sh))
+        for k in range(self.k):
+            blocks[f"model_class_{k + 1}"] = pd.DataFrame({
+                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
+                "rlnAngstromResolution": res_a, "rlnSsnrMap": ssnr[k], "rlnGoldStandardFsc": 0.0,
+                "rlnFourierCompleteness": st.completeness[k, :n_sh], "rlnReferenceSigma2": 0.0,
+                "rlnReferenceTau2": tau2[k], "rlnSpectralOrientabilityContribution": 0.0})
+        blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": [1], "rlnGroupName": ["group_1"],
+                                               "rlnGroupNrParticles": [self.n], "rlnGroupScaleCorrection": [1.0]})
+        for g in self.table.optics["rlnOpticsGroup"].astype(int):
+            blocks[f"model_optics_group_{g}"] = pd.DataFrame({
+                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
+                "rlnSigma2Noise": st.sigma2})
+        write_star(path, blocks)
+
+    def write_optimiser(self, st: _State, it: int, path: Path, root: str) -> None:
+        opt, sch = self.opt, self.schedule
+        general = {"rlnOutputRootName": str(self.out / "run"), "rlnModelStarFile": f"{self.out / root}_model.star",
+                   "rlnExperimentalDataStarFile": f"{self.out / root}_data.star", "rlnCurrentIteration": it,
+                   "rlnNumberOfIterations": self.n_iter, "rlnDoSplitRandomHalves": 0,
+                   "rlnDoGradientRefine": int(not self.em), "rlnDoStochasticGradientDescent": 0,
+                   "rlnGradEmIters": 0, "rlnGradHasConverged": int(it >= self.n_iter),
+                   "rlnGradCurrentStepsize": 1.0 if self.em else sch.step(max(it, 1)),
+                   "rlnSgdInitialIterationsFraction": sch.ini_frac, "rlnSgdFinalIterationsFraction": sch.fin_frac,
+                   "rlnSgdInitialSubsetSize": sch.ini_subset, "rlnSgdFinalSubsetSize": sch.fin_subset,
+                   "rlnSgdMuFactor": 0.9, "rlnSgdStepsize": sch.stepsize, "rlnSgdStepsizeScheme": "",
+                   "rlnTau2FudgeArg": opt.tau2_fudge, "rlnTau2FudgeScheme": "",
+                   "rlnSgdWriteEverySubset": opt.write_every,
+                   "rlnSgdClassInactivityThreshold": opt.class_inactivity_threshold,
+                   "rlnMaximumSignificantPoses": self.maxsig, "rlnParticleDiameter": opt.particle_diameter,
+                   "rlnRandomSeed": opt.seed, "rlnDoCtfCorrection": int(opt.ctf), "rlnDoZeroMask": int(opt.zero_mask),
+                   "rlnDoSolventFlattening": 1, "rlnDoCenterClasses": int(opt.center_classes),
+                   "rlnPsiStep": opt.psi_step, "rlnOffsetRange": opt.offset_range, "rlnOffsetStep": opt.offset_step,
+                   "rlnAdaptiveOversampleFraction": opt.adaptive_fraction,
+                   "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
+                   "rlnDoCorrectCtf": int(opt.ctf), "rlnRefsAreCtfCorrected": 1, "rlnCtfDataArePhaseFlipped": 0,
+                   "rlnDoCorrectNorm": 0, "rlnDoCorrectScale": 0, "rlnDoAutoRefine": 0, "rlnDoMapEstimation": 1,
+                   "rlnDoSkipAlign": 0, "rlnDoSkipRotate": 0, "rlnDoStochasticEM": 0,
+                   "rlnHasConverged": int(it >= self.n_iter), "rlnIncrementImageSize": 10, "rlnWidthMaskEdge": 5,
+                   "rlnHighresLimitExpectation": -1.0, "rlnChangesOptimalClasses": st.changes_classes,
+                   "rlnOverallAccuracyRotations": float(np.sum(st.pi * st.acc_rot)),
+                   "rlnOverallAccuracyTranslationsAngst": float(np.sum(st.pi * st.acc_trans)) * self.px,
+                   "rlnAlgorithm": opt.algorithm}
+        write_star(path, {"optimiser_general": general})
+
+    def resume(self) -> _State | None:
+        """The state after the last fully written iteration, or None if there is none."""
+        done = sorted(self.out.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
+        if not done:
+            return None
+        opt_star = done[-1]
+        it = int(re.search(r"run_it(\d{3})_", opt_star.name).group(1))
+        general = read_star(opt_star)["optimiser_general"].iloc[0]
+        if str(general.get("rlnAlgorithm", self.opt.algorithm)) != self.opt.algorithm:
+            raise InputError(opt_star, f"was written by --algorithm {general['rlnAlgorithm']}",
+                             "continue with the same algorithm, or use a new output directory")
+        root = self.out / f"run_it{it:03d}"
+        model = read_star(f"{root}_model.star")
+        classes = model["model_classes"]
+        if len(classes) != self.k:
+            raise InputError(Path(f"{root}_model.star"), f"has {len(classes)} classes, --K is {self.k}",
+                             "continue with the same --K")
+        refs, _ = read_map(f"{root}_classes.mrcs")
+        xp, g = self.xp, self.grids
+        mom = Moments.empty(g)
+        if not self.em:
+            core = (slice(None),) + g.core
+            m1, _ = read_map(f"{root}_1moment.mrcs")
+            m1 = np.fft.fftshift(_deinterleave(m1), axes=1).reshape(2, self.k, *g.core_shape)
+            mom.m[(slice(None),) + core] = xp.asarray(m1)
+            m2, _ = read_map(f"{root}_2moment.mrcs")
+            mom.u[core] = xp.asarray(np.fft.fftshift(m2.reshape(self.k, *g.core_shape), axes=1))
+        general_m = model["model_general"].iloc[0]
+        sigma2 = model[f"model_optics_group_{int(self.table.optics['rlnOpticsGroup'].iloc[0])}"]
+        st = _State(it, xp.asarray(refs.reshape(self.k, self.box, self.box)), mom,
+                    np.array(classes["rlnClassDistribution"], dtype=float),
+                    np.array(sigma2["rlnSigma2Noise"], dtype=float),
+                    float(general_m["rlnSigmaOffsetsAngst"]) / self.px,
+                    max(5, round(self.box * self.px / float(general_m["rlnCurrentResolution"]))),
+                    np.zeros((self.k, self.box // 2 + 2)), np.array(classes["rlnAccuracyRotations"], dtype=float),
+                    np.array(classes["rlnAccuracyTranslationsAngst"], dtype=float) / self.px,
+                    np.zeros((self.k, self.box // 2 + 2)))
+        for k in range(self.k):
+            curve = model[f"model_class_{k + 1}"]["rlnSsnrMap"].to_numpy(float)
+            st.fsc[k, : curve.size] = curve / (1 + curve)
+        data = read_particles(f"{root}_data.star").data
+        if len(data) != self.n:
+            raise InputError(Path(f"{root}_data.star"), f"has {len(data)} particles, the input has {self.n}",
+                             "continue with the same --i")
+        self.cls = np.array(data["rlnClassNumber"], dtype=int) - 1
+        self.psi = np.array(data["rlnAnglePsi"], dtype=float)
+        self.offsets = np.stack([data["rlnOriginXAngst"], data["rlnOriginYAngst"]], 1).astype(float) / self.px
+        self.pmax = np.array(data["rlnMaxValueProbDistribution"], dtype=float)
+        self.nsig = np.array(data["rlnNrOfSignificantSamples"], dtype=int)
+        self.loglik = np.array(data["rlnLogLikeliContribution"], dtype=float)
+        log.info("continuing from iteration %d", it)
+        return st
+
+
+@dataclass
+class ClassAverages:
+    """The class averages of a Class2D iteration with their model_classes rows."""
+
+    images: np.ndarray  # (K, N, N), class k at index k - 1
+    classes: pd.DataFrame  # model_classes (rlnReferenceImage, rlnClassDistribution, ...)
+    general: pd.Series  # model_general
+    pixel_size: float
+
+
+def read_class_averages(model_star: str | Path, project_dir: str | Path | None = None) -> ClassAverages:
+    """Read a Class2D ``run_itNNN_model.star`` (ours or RELION's) and the class images it names.
+
+    ``rlnReferenceImage`` (``N@path_classes.mrcs``) is resolved against ``project_dir`` (default: the
+    current directory, RELION's convention) and, failing that, next to the model file.
+    """
+    path = Path(model_star)
+    blocks = read_star(path)
+    for name in ("model_general", "model_classes"):
+        if name not in blocks:
+            raise InputError(path, f"no data_{name} block: not a classification model.star")
+    classes = blocks["model_classes"].reset_index(drop=True)
+    if "rlnReferenceImage" not in classes.columns:
+        raise InputError(path, "data_model_classes has no rlnReferenceImage column")
+    general = blocks["model_general"].iloc[0]
+    if int(general.get("rlnReferenceDimensionality", 2)) != 2:
+        raise InputError(path, "is a 3D model (rlnReferenceDimensionality 3)", "pass a 2D classification's model")
+    stacks: dict[Path, np.ndarray] = {}
+    images = []
+    for name in classes["rlnReferenceImage"].astype(str):
+        idx, _, file = name.partition("@")
+        candidates = [Path(project_dir or Path.cwd()) / file, path.parent / Path(file).name]
+        where = next((c for c in candidates if c.exists()), None)
+        if where is None:
+            raise InputError(path, f"class image stack {file} not found (looked in {', '.join(map(str, candidates))})",
+                             "run from the project directory or pass project_dir")
+        if where not in stacks:
+            data = read_map(where)[0]
+            stacks[where] = data.reshape(-1, *data.shape[-2:])
+        k = int(idx) - 1
+        if not 0 <= k < len(stacks[where]):
+            raise InputError(path, f"{name} points past the {len(stacks[where])} images in {where}")
+        images.append(stacks[where][k])
+    px = float(general.get("rlnPixelSize", 0.0))
+    return ClassAverages(np.stack(images).astype(np.float32), classes, general, px)
+
+
+def class2d(opt: Class2DOptions) -> Class2DResult:
+    """Run 2D classification (VDAM mini-batches or EM) and write RELION's Class2D outputs."""
+    import time
+
+    c = _Classifier(opt)
+    st = c.resume() if opt.resume else None
+    if st is None:
+        st = c.initial_state()
+        c.write(st, 0)
+    log.info("2D classification (%s): %d particles, K = %d, box %d, %.3f Å/px, %d %s", opt.algorithm.upper(), c.n,
+             c.k, c.box, c.px, c.n_iter, "iterations" if c.em else "mini-batches")
+    while st.it < c.n_iter:
+        it = st.it + 1
+        st.it = it
+        if c.em:
+            rows, full = np.arange(c.n), True
+        else:
+            size = c.schedule.subset_size(it, c.k)
+            rows = np.sort(np.random.default_rng(opt.seed + it).permutation(c.n)[:size])
+            full = size >= c.n
+        t0 = time.perf_counter()
+        acc = c.iterate(st, rows, full)
+        c.maximise(st, acc, it, full)
+        if c.em or it % opt.write_every == 0 or it == c.n_iter or full:
+            c.write(st, it)
+        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d), %d non-empty classes, mean Pmax %.3f, "
+                 "%.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
+                 c.box * c.px / st.resolution_shell, acc["size"], int((st.pi > 1e-3 / c.k).sum()),
+                 float(c.pmax[rows].mean()), time.perf_counter() - t0)
+    root = c.out / f"run_it{st.it:03d}"
+    from .plots import plot_class_gallery
+
+    gallery = plot_class_gallery(to_numpy(st.refs), st.pi, c.out / "run_classes.png",
+                                 title=f"{c.k} classes after {st.it} {'iterations' if c.em else 'mini-batches'}")
+    return Class2DResult(Path(f"{root}_classes.mrcs"), Path(f"{root}_model.star"), Path(f"{root}_data.star"),
+                         gallery, st.it, st.pi, c.box * c.px / st.resolution_shell)
+
+
+def _last_shell(curve: np.ndarray, threshold: float) -> int:
+    """The last shell (from 1) before ``curve`` first drops below ``threshold``."""
+    below = np.nonzero(curve[1:] < threshold)[0]
+    return int(below[0]) if below.size else curve.size - 1
+
+
+def _shell_curve(values: Any, grids: ClassGrids, n_shells: int) -> Any:
+    from .vdam import shell_means
+
+    shells = grids.shell_index()
+    return shell_means(grids.xp.asarray(values), shells, n_shells + 1, shells <= n_shells)[:, :n_shells]
+
+
+def _interleave(z: np.ndarray) -> np.ndarray:
+    """Complex (..., W) as float32 (..., 2W) with real and imaginary parts interleaved along x (RELION's layout)."""
+    return np.ascontiguousarray(z.astype(np.complex64)).view(np.float32)
+
+
+def _deinterleave(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.astype(np.float32)).view(np.complex64)
+
+def _freq_vectors(size: int, mask: Any, xp: Any) -> tuple[Any, Any]:
+    from .fourier import freq_grid
+
+    ky, kx = freq_grid((size, size), xp)
+    ky = xp.broadcast_to(ky, mask.shape)
+    kx = xp.broadcast_to(kx, mask.shape)
+    return ky[mask], kx[mask]
+
+
+def _maximum_at(xp: Any, target: Any, idx: Any, values: Any) -> None:
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        cupyx.scatter_max(target, idx, values)
+    else:
+        np.maximum.at(target, idx, values)
+
+
+def _max_per_image(xp: Any, img: Any, pw: Any, b: int) -> Any:
+    out = xp.zeros(b, dtype=xp.float32)
+    _maximum_at(xp, out, img, pw.max(axis=1).astype(xp.float32))
+    return out
+
+
+def _argmax_per_image(xp: Any, img: Any, pw: Any, b: int) -> tuple[Any, Any]:
+    """Per image, the entry and the sample (0..7) of its largest fine posterior."""
+    best = _max_per_image(xp, img, pw, b)
+    vals = pw.max(axis=1)
+    e = img.shape[0]
+    is_best = vals >= best[img] * (1 - 1e-6)
+    cand = xp.where(is_best, xp.arange(e), e)
+    first = xp.full(b, e, dtype=xp.int64)
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        cupyx.scatter_min(first, img, cand)
+    else:
+        np.minimum.at(first, img, cand)
+    return first, pw[first].argmax(axis=1)
+
+
+def _add_rows(xp: Any, target: Any, idx: Any, values: Any) -> None:
+    """target[idx[i]] += values[i] (rows of a 2D array), repeated indices summed."""
+    width = target.shape[1]
+    pos = (idx[:, None] * width + xp.arange(width)[None, :]).ravel()
+    flat = target.reshape(-1)
+    v = values.reshape(-1).astype(target.dtype)
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        if xp.iscomplexobj(flat):  # atomic adds on the interleaved real and imaginary parts
+            view = flat.view(xp.float32)
+            cupyx.scatter_add(view, 2 * pos, v.real.astype(xp.float32))
+            cupyx.scatter_add(view, 2 * pos + 1, v.imag.astype(xp.float32))
+        else:
+            cupyx.scatter_add(flat, pos, v)
+        return
+    np.add.at(flat, pos, v)
+
+
+def _inverse_sigma2(sigma2: np.ndarray, size: int) -> np.ndarray:
+    """1/sigma2 on the (size, size/2+1) grid from a per-shell curve."""
+    from .likelihood import shell_map
+
+    return 1.0 / np.maximum(to_numpy(shell_map(sigma2, size, np)), 1e-30)
+
