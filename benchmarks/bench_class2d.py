@@ -1,0 +1,154 @@
+"""2D classification, our VDAM and EM against RELION 3.1's EM, on the same simulated mixture and cores.
+
+A mixture with known labels: CFTR (6MSM) and adenylate kinase (1AKE) particles in all views, plus junk
+(ice, carbon edges, aggregates, pure noise). The programs run one after the other; the table gives each
+one's wall and CPU time and their ratios, the class purity (the fraction of particles that belong to
+their class's majority label), the fraction of junk particles that end in junk-led classes, and the
+number of non-empty classes.
+
+    python benchmarks/bench_class2d.py                      # 10,000 particles, box 64, 3 Å/px, K 50
+    python benchmarks/bench_class2d.py --n 2000 --K 20      # a quicker check
+    python benchmarks/bench_class2d.py --only vdam          # re-run one program on the same particles
+
+Outputs go to benchmarks/out/class2d/ (ignored by git); the table to benchmarks/results/class2d.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from autoproc.demo import demo_model_path
+from reconstruct.class2d import Class2DOptions, class2d
+from reconstruct.files import read_particles
+from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+
+HERE = Path(__file__).resolve().parent
+PROGRAMS = {"vdam": "ours (class2d --algorithm vdam)", "em": "ours (class2d --algorithm em)",
+            "relion": "RELION 3.1 (relion_refine, EM)"}
+
+
+def _simulate(out: Path, args: argparse.Namespace) -> None:
+    params = {k: getattr(args, k) for k in ("n", "box", "angpix", "snr", "junk")}
+    stamp = out / "simulation.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    maps = [atomic_model_map(demo_model_path(), args.box, args.angpix),
+            atomic_model_map(HERE.parent / "tests/data/1ake_adk_closed.pdb.gz", args.box, args.angpix)]
+    simulate_particles(maps, ParticleSimulation(n_particles=args.n, box=args.box, pixel_size=args.angpix,
+                                                snr=args.snr, junk_fraction=args.junk,
+                                                max_offset=2 * args.angpix, seed=2024), out)
+    stamp.write_text(json.dumps(params))
+
+
+def quality(data_star: Path, labels: np.ndarray, n_classes: int) -> dict:
+    """Purity, junk separation and class use of one classification against the truth labels."""
+    cls = read_particles(data_star).data.rlnClassNumber.to_numpy()
+    majority = junk_kept = 0
+    for k in np.unique(cls):
+        vals, counts = np.unique(labels[cls == k], return_counts=True)
+        majority += counts.max()
+        if vals[counts.argmax()] == "junk":
+            junk_kept += counts[vals == "junk"][0]
+    return {"purity": majority / cls.size, "junk_separation": junk_kept / max(int((labels == "junk").sum()), 1),
+            "non_empty": int(np.unique(cls).size), "empty": n_classes - int(np.unique(cls).size)}
+
+
+def _children_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+def run_ours(args: argparse.Namespace, algorithm: str) -> tuple[float, float, Path]:
+    out = Path(f"Ours_{algorithm}")
+    shutil.rmtree(out, ignore_errors=True)
+    t, c = time.perf_counter(), time.process_time()
+    res = class2d(Class2DOptions(star=Path("Extract/job001/particles.star"), out=out,
+                                 particle_diameter=args.diameter, n_classes=args.K, algorithm=algorithm))
+    return time.perf_counter() - t, time.process_time() - c, res.data_star
+
+
+def run_relion(args: argparse.Namespace) -> tuple[float, float, Path]:
+    shutil.rmtree("Relion", ignore_errors=True)
+    Path("Relion").mkdir()
+    cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--o", "Relion/run", "--K", str(args.K),
+           "--iter", "25", "--tau2_fudge", "2", "--particle_diameter", str(args.diameter), "--ctf", "--zero_mask",
+           "--flatten_solvent", "--center_classes", "--psi_step", "12", "--offset_range", "5", "--offset_step", "2",
+           "--oversampling", "1", "--norm", "--scale", "--j", str(os.cpu_count() or 1), "--pool", "30",
+           "--dont_combine_weights_via_disc"]
+    logging.info("running %s", " ".join(cmd))
+    t, c = time.perf_counter(), _children_cpu()
+    with open("Relion/run.out", "w") as so, open("Relion/run.err", "w") as se:
+        subprocess.run(cmd, stdout=so, stderr=se, check=True)
+    return time.perf_counter() - t, _children_cpu() - c, Path("Relion/run_it025_data.star")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000, help="number of particles (default 10000)")
+    ap.add_argument("--box", type=int, default=64, help="box size in pixels (default 64)")
+    ap.add_argument("--angpix", type=float, default=3.0, help="pixel size in Å (default 3.0)")
+    ap.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio of the particles (default 0.05)")
+    ap.add_argument("--junk", type=float, default=0.2, help="fraction of junk particles (default 0.2)")
+    ap.add_argument("--K", type=int, default=50, help="number of classes (default 50)")
+    ap.add_argument("--diameter", type=float, default=160.0, help="mask diameter in Å (default 160)")
+    ap.add_argument("--only", choices=("all", *PROGRAMS), default="all",
+                    help="run one program; the others' last numbers on the same particles are reused (default all)")
+    ap.add_argument("--out", default=str(HERE / "out" / "class2d"),
+                    help="work directory (default benchmarks/out/class2d)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out).resolve()
+    _simulate(out, args)
+    os.chdir(out)
+    truth = pd.read_csv("truth/particles_truth.csv")
+    labels = np.where(truth.map_index.to_numpy() >= 0, truth.map_index.astype(str), "junk")
+    if args.only in ("all", "relion") and not shutil.which("relion_refine"):
+        raise SystemExit("relion_refine is not on PATH: install RELION (apt-get install relion) or use --only vdam")
+    for program in (PROGRAMS if args.only == "all" else (args.only,)):
+        wall, cpu, data_star = run_relion(args) if program == "relion" else run_ours(args, program)
+        row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, **quality(data_star, labels, args.K)}
+        Path(f"{program}.json").write_text(json.dumps(row))
+    rows = {p: json.loads(Path(f"{p}.json").read_text()) for p in PROGRAMS if Path(f"{p}.json").exists()}
+    write_table(rows, args)
+
+
+def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
+    """The Markdown table in benchmarks/results/class2d.md."""
+    lines = [f"# 2D classification: ours (VDAM, EM) vs RELION 3.1 EM ({args.n} particles, box {args.box}, "
+             f"{args.angpix} Å/px, SNR {args.snr}, {100 * args.junk:.0f}% junk, K {args.K})", "",
+             f"Same machine ({os.cpu_count()} cores), one program at a time. Purity: particles in their class's "
+             "majority label (CFTR, adenylate kinase or junk); junk separation: junk particles in junk-led classes.",
+             "", "| program | wall time (s) | CPU time (s) | purity | junk separation | non-empty classes |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows.values():
+        lines.append(f"| {r['program']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['purity']:.3f} "
+                     f"| {r['junk_separation']:.3f} | {r['non_empty']} |")
+    if "vdam" in rows:
+        v = rows["vdam"]
+        ratios = [f"{rows[k]['wall_s'] / v['wall_s']:.1f}x faster than {rows[k]['program']}" for k in ("em", "relion")
+                  if k in rows]
+        if ratios:
+            lines += ["", "VDAM (wall time): " + ", ".join(ratios)]
+    lines += ["", "Reproduce: `python benchmarks/bench_class2d.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "only")) + "`"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "class2d.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
