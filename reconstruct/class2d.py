@@ -293,9 +293,11 @@ class _Classifier:
         wm = w_freq[mk]
         pm = fine[:, mk]  # (K kf, F)
         ky, kx = (a.astype(xp.float32) for a in _freq_vectors(size, mk, xp))
-        # Phase factors of the few distinct fine offsets (coarse offset x child): (Tc, 4, F).
+        # Phase factors of the few distinct fine offsets (coarse offset x child): (Tc, 4, F).  Offsets
+        # are in pixels of the full box; the cropped transform keeps the box's frequency indices.
         rel = xp.asarray(sc[:, None, :] + self.shift_children[None], dtype=xp.float32)
-        table = xp.exp((-2j * xp.pi / size) * (rel[..., 0, None] * kx + rel[..., 1, None] * ky)).astype(xp.complex64)
+        table = xp.exp((-2j * xp.pi / self.box) * (rel[..., 0, None] * kx + rel[..., 1, None] * ky))
+        table = table.astype(xp.complex64)
         scores = xp.empty((e, 2, 4), xp.float32)
         chunk = max(1, (1 << 22) // max(int(xm.shape[1]) * 8, 1))
         for s in range(0, e, chunk):
@@ -343,9 +345,8 @@ class _Classifier:
         acc["offset2"] += float((new_off**2).sum())
         acc["n"] += b
         # Noise: residual power of each image at its best pose, per shell.
-        xb = xm[xp.asarray(to_numpy(img[best_e]))] * xp.exp(
-            (-2j * xp.pi / size) * (xp.asarray(new_off - prev, dtype=xp.float32)[:, 0, None] * kx
-                                    + xp.asarray(new_off - prev, dtype=xp.float32)[:, 1, None] * ky))
+        moved = xp.asarray(new_off - prev, dtype=xp.float32)
+        xb = xm * xp.exp((-2j * xp.pi / self.box) * (moved[:, 0, None] * kx + moved[:, 1, None] * ky))
         pb = pm[fine_idx[best_e, j]]
         res = xp.abs(xb - cm * pb) ** 2
         shells = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)

@@ -135,31 +135,32 @@ def _run(root: Path, out: str, **kw) -> object:
 
 @pytest.mark.slow
 def test_vdam_separates_particles_and_junk_and_replaces_empty_classes(mixture):
-    """VDAM with 12 classes for 3 kinds of particle: pure classes, junk in junk classes, and class
-    replacement keeps more classes in use than the same run without it."""
+    """VDAM with 16 classes for 3 kinds of particle: pure classes, junk in junk classes, and class
+    replacement leaves fewer inactive classes than the same run without it."""
     labels = _labels(mixture)
-    kw = {"n_classes": 12, "algorithm": "vdam", "n_iter": 60, "ini_subset": 100, "fin_subset": 200}
+    k = 16
+    kw = {"n_classes": k, "algorithm": "vdam", "n_iter": 60, "ini_subset": 100, "fin_subset": 200}
     res = _run(mixture, "VDAM", **kw)
     purity, junk = _quality(res.data_star, labels)
     # chance purity is ~0.4 (the largest kind), a single kind per class is 1
-    assert purity > 0.8 and junk > 0.5, (purity, junk)
+    assert purity > 0.8 and junk > 0.45, (purity, junk)
     no_repl = _run(mixture, "VDAM_norepl", class_inactivity_threshold=0.0, **kw)
-    used = (res.class_distribution > 0.2 / 12).sum()
-    used_without = (no_repl.class_distribution > 0.2 / 12).sum()
-    assert used > used_without, (res.class_distribution, no_repl.class_distribution)
+    inactive = int((res.class_distribution < 0.1 / k).sum())  # RELION's replacement criterion
+    inactive_without = int((no_repl.class_distribution < 0.1 / k).sum())
+    assert inactive < inactive_without, (res.class_distribution, no_repl.class_distribution)
     # RELION's outputs are there, and the gallery
     out = mixture / "VDAM"
     for name in ("run_it060_classes.mrcs", "run_it060_model.star", "run_it060_data.star", "run_it060_optimiser.star",
                  "run_it060_1moment.mrcs", "run_it060_2moment.mrcs", "run_it050_model.star", "run_classes.png"):
         assert (out / name).exists(), name
     avg = read_class_averages(out / "run_it060_model.star", project_dir=mixture)
-    assert avg.images.shape == (12, BOX, BOX) and avg.pixel_size == pytest.approx(PX)
+    assert avg.images.shape == (k, BOX, BOX) and avg.pixel_size == pytest.approx(PX)
     assert avg.classes.rlnClassDistribution.sum() == pytest.approx(1.0, abs=1e-3)
     data = read_particles(out / "run_it060_data.star").data
     for label in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnMaxValueProbDistribution",
                   "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert label in data.columns
-    assert len(data) == 400 and data.rlnClassNumber.between(1, 12).all()
+    assert len(data) == 400 and data.rlnClassNumber.between(1, k).all()
 
 
 @pytest.mark.slow
