@@ -84,7 +84,7 @@ def _ssri_options(a: argparse.Namespace) -> Any:
         return None
     return SsriOptions(alpha=a.ssri_alpha, beta=a.ssri_beta, gamma=a.ssri_gamma, eps=a.ssri_eps, epsp=a.ssri_epsp,
                        mu=a.ssri_mu, iters=a.ssri_iters, lr=a.ssri_lr, holdout=a.ssri_holdout,
-                       search=not a.ssri_no_search)
+                       search=not a.ssri_no_search, fsc_weight=not a.ssri_no_fsc_weight)
 
 
 def _add_ssri_options(s: argparse.ArgumentParser) -> None:
@@ -115,6 +115,10 @@ def _add_ssri_options(s: argparse.ArgumentParser) -> None:
                    help="fraction of each half's Fourier voxels held out to choose alpha and beta")
     g.add_argument("--ssri_no_search", action="store_true",
                    help="use --ssri_alpha/--ssri_beta as given instead of choosing among x4, x2, x1, x1/2 of them")
+    g.add_argument("--ssri_no_fsc_weight", action="store_true",
+                   help="align against the SSRI half maps as they are (the reference implementation) instead of "
+                        "weighting them by the plain half maps' FSC, which keeps anything beyond the "
+                        "gold-standard resolution out of the references")
 
 
 def _cmd_ssri_tune(a: argparse.Namespace) -> None:

@@ -49,6 +49,22 @@ def fsc(map1: Any, map2: Any, ndim: int | None = None) -> np.ndarray:
     return curve.reshape(lead + (n_shells,)) if lead else curve[0]
 
 
+def fsc_weighted(volume: Any, curve: np.ndarray) -> Any:
+    """``volume`` filtered per shell by sqrt(2 FSC / (1 + FSC)) (zero where FSC <= 0).
+
+    The weight (Rosenthal and Henderson's C_ref) keeps in a reference only what the two independent
+    half sets support, so that nothing beyond their gold-standard resolution can steer the alignment.
+    """
+    xp = array_module(volume)
+    shape = volume.shape
+    c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 1.0)
+    w = np.sqrt(2 * c / (1 + c))
+    w = xp.asarray(np.append(w, 0.0), dtype=xp.float32)  # corners past Nyquist: zero
+    shells = xp.minimum(shell_index(shape, xp), w.size - 1)
+    fft = fft_module(xp)
+    return fft.irfftn(fft.rfftn(xp.asarray(volume, dtype=xp.float32)) * w[shells], s=shape).astype(xp.float32)
+
+
 @dataclass(frozen=True)
 class Resolution:
     """Where an FSC curve crosses a threshold."""

@@ -28,7 +28,7 @@ from .files.mrc import read_map, write_map
 from .files.stack import ImageSource
 from .files.star import MetadataTable, read_particles, read_star, write_star
 from .fourier import centred_fft, crop_half, lowpass_filter, phase_shift_2d
-from .fsc import fsc, resolution_at, shell_resolutions
+from .fsc import fsc, fsc_weighted, resolution_at, shell_resolutions
 from .geometry import angle_between, euler_to_matrix, matrix_to_euler
 from .likelihood import (
     fourier_mask,
@@ -375,6 +375,10 @@ class _Refiner:
             log.info("  SSRI half maps: FSC 0.143 at %.2f Å (plain half maps %.2f Å), %.1f s",
                      resolution_at(fsc(refs[0], refs[1]), self.box, self.px, 0.143).angstrom,
                      resolution_at(curve, self.box, self.px, 0.143).angstrom, seconds)
+            if self.opt.ssri.fsc_weight:
+                # The prior may put detail beyond what the halves support, and the same detail in
+                # both: aligning to it would make the plain halves agree on it too (model bias).
+                refs = [fsc_weighted(r, curve) for r in refs]
         else:
             seconds = 0.0
             ssnr = np.clip(curve, 1e-6, 0.999)

@@ -48,7 +48,8 @@ class SsriOptions:
     iters: int = 100  # --ssri_iters: inner iterations per solve
     lr: float = 1.0  # --ssri_lr: step, x 1/(Lipschitz constant of the smooth terms)
     holdout: float = 0.1  # --ssri_holdout: fraction of Fourier voxels held out to choose (alpha, beta)
-    search: bool = True  # try (alpha, beta) x {1, 1/2, 1/4} and keep the best on held-out data
+    search: bool = True  # try (alpha, beta) x {4, 2, 1, 1/2} and keep the best on held-out data
+    fsc_weight: bool = True  # weight each half's SSRI map by the plain halves' FSC before it is a reference
 
 
 @dataclass

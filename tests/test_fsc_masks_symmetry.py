@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from reconstruct.fourier import bfactor_filter, lowpass_filter, resize_fourier
-from reconstruct.fsc import fsc, resolution_at
+from reconstruct.fsc import fsc, fsc_weighted, resolution_at, shell_index
 from reconstruct.masks import apply_mask, soft_sphere, threshold_mask
 from reconstruct.symmetry import group_order, is_proper, symmetrise_map, symmetry_operators
 
@@ -102,3 +102,19 @@ def test_symmetrised_map_is_invariant():
 def test_unknown_group():
     with pytest.raises(ValueError, match="unknown symmetry group"):
         symmetry_operators("Q7")
+
+
+def test_fsc_weighting_keeps_what_the_halves_support(atoms32):
+    n = atoms32.shape[0]
+    ones = np.ones(n // 2 + 1)
+    inside = shell_index(atoms32.shape, np) <= n // 2  # the curve says nothing past Nyquist: zeroed
+    ft, ft_w = np.fft.rfftn(atoms32), np.fft.rfftn(fsc_weighted(atoms32, ones))
+    np.testing.assert_allclose(ft_w[inside], ft[inside], atol=1e-4 * np.abs(ft).max())
+    assert np.abs(ft_w[~inside]).max() < 1e-4 * np.abs(ft).max()
+    assert np.abs(fsc_weighted(atoms32, 0 * ones)).max() == 0
+    curve = np.where(np.arange(n // 2 + 1) <= 6, 0.9, -0.1)  # supported to shell 6 only
+    out = fsc_weighted(atoms32, curve)
+    spectrum = fsc(out, atoms32)
+    assert np.all(spectrum[1:7] > 0.99)
+    power = np.abs(np.fft.rfftn(out))[shell_index(out.shape, np) > 7]
+    assert power.max() < 1e-3 * np.abs(np.fft.rfftn(atoms32)).max()
