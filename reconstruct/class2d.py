@@ -264,8 +264,8 @@ class _Classifier:
 
     def _estep(self, rows: np.ndarray, imgs: Any, size: int, mask2d: Any, inv_s2: Any, coarse: Any, fine: Any,
                log_pi: Any, st: _State, acc: dict[str, Any]) -> None:
+        """Coarse search, oversampled fine search, per-particle records and M-step sums for one batch."""
         xp, opt = self.xp, self.opt
-        b = rows.size
         kc, kf = self.psi_coarse.size, self.psi_fine.size
         prev = self.offsets[rows]
         # Centre each image on its previous offset, mask it, and go to Fourier space at the current size.
@@ -278,103 +278,59 @@ class _Classifier:
         logl = score_poses(x, c, coarse, sc, inv_s2, self.box, mask2d)  # (B, K kc, Tc)
         tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)  # (B, Tc, 2) absolute offsets
         s2 = 2 * st.sigma_offset**2
-        prior_t = -(tot**2).sum(-1) / s2
-        logl = logl + xp.repeat(log_pi, kc)[None, :, None] + prior_t[:, None, :]
+        logl = logl + xp.repeat(log_pi, kc)[None, :, None] - ((tot**2).sum(-1) / s2)[:, None, :]
         sig = significant_posteriors(logl, opt.adaptive_fraction, self.maxsig)
-        img, m, t = sig.image, sig.orient, sig.shift
-        e = int(img.shape[0])
         # Oversampling: two finer angles x four finer offsets around every significant coarse pose.
-        cls_e = m // kc
-        fine_idx = (cls_e * kf + 2 * (m % kc))[:, None] + xp.arange(2)[None]  # (E, 2)
-        t_abs = xp.asarray(sc, dtype=xp.float32)[t][:, None, :] + xp.asarray(self.shift_children,
-                                                                             dtype=xp.float32)[None]  # (E, 4, 2)
-        w_freq = friedel_weights(size, xp) * inv_s2
-        mk = mask2d
-        xm = x[:, mk]  # (B, F)
-        cm = c[:, mk]
-        wm = w_freq[mk]
-        pm = fine[:, mk]  # (K kf, F)
-        ky, kx = (a.astype(xp.float32) for a in _freq_vectors(size, mk, xp))
-        # Phase factors of the few distinct fine offsets (coarse offset x child): (Tc, 4, F).  Offsets
-        # are in pixels of the full box; the cropped transform keeps the box's frequency indices.
-        rel = xp.asarray(sc[:, None, :] + self.shift_children[None], dtype=xp.float32)
-        table = xp.exp((-2j * xp.pi / self.box) * (rel[..., 0, None] * kx + rel[..., 1, None] * ky))
-        table = table.astype(xp.complex64)
-        scores = xp.empty((e, 2, 4), xp.float32)
-        chunk = max(1, (1 << 22) // max(int(xm.shape[1]) * 8, 1))
-        for s in range(0, e, chunk):
-            sl = slice(s, s + chunk)
-            ie = img[sl]
-            p = pm[fine_idx[sl]]  # (e, 2, F)
-            # Re sum conj(X shifted) C P 2w = Re sum (conj(X) C 2w P) conj(phase): batched real matmuls.
-            y = (xp.conj(xm[ie]) * (cm[ie] * (2 * wm)))[:, None, :] * p  # (e, 2, F)
-            ph = table[t[sl]]  # (e, 4, F)
-            cross = xp.matmul(y.real, xp.swapaxes(ph.real, 1, 2)) + xp.matmul(y.imag, xp.swapaxes(ph.imag, 1, 2))
-            power = xp.einsum("ef,ejf->ej", cm[ie] ** 2 * wm, p.real**2 + p.imag**2)
-            scores[sl] = (cross - power[:, :, None]).astype(xp.float32)
-        tot_f = xp.asarray(prev, dtype=xp.float32)[img][:, None, :] + t_abs  # (E, 4, 2)
+        cls_e = sig.orient // kc
+        fine_idx = (cls_e * kf + 2 * (sig.orient % kc))[:, None] + xp.arange(2)[None]  # (E, 2)
+        t_abs = xp.asarray(sc, dtype=xp.float32)[sig.shift][:, None, :] + xp.asarray(self.shift_children,
+                                                                                     dtype=xp.float32)[None]
+        tot_f = xp.asarray(prev, dtype=xp.float32)[sig.image][:, None, :] + t_abs  # (E, 4, 2) absolute
+        fs = _FineSet(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp)
+        scores = fs.scores(sig.image, sig.shift, fine_idx)
         lf = scores + log_pi[cls_e][:, None, None] - ((tot_f**2).sum(-1) / s2)[:, None, :]
-        # Normalise over each image's fine samples.
-        flat = lf.reshape(e, 8)
-        top = xp.full(b, -xp.inf, dtype=xp.float32)
-        _maximum_at(xp, top, img, flat.max(axis=1))
-        pw = xp.exp(flat - top[img][:, None])
-        norm = xp.bincount(img, weights=pw.sum(axis=1), minlength=b)
-        pw = pw / norm[img][:, None]
-        # Best pose and statistics per image.
+        pw, top, norm = _normalise_per_image(xp, sig.image, lf.reshape(-1, 8), rows.size)
+        best = self._record(rows, sig, pw, fine_idx, tot_f, cls_e, acc)
+        self.loglik[rows] = to_numpy(top + xp.log(norm)) - to_numpy(((xp.abs(fs.xm) ** 2) * fs.wm).sum(axis=1))
+        # Noise: residual power of each image at its best pose, per shell.
+        res = fs.best_residual_power(xp.asarray(best[1] - prev, dtype=xp.float32), best[0])
+        acc["resid"] += to_numpy(xp.bincount(fs.shells, weights=res.sum(axis=0), minlength=self.box // 2 + 2))[
+            : self.box // 2 + 1]
+        acc["resid_n"] += rows.size * to_numpy(xp.bincount(fs.shells, minlength=self.box // 2 + 2))[
+            : self.box // 2 + 1]
+        half = xp.asarray(rows % 2)[sig.image] * (self.k * kf)
+        fs.accumulate(sig.image, sig.shift, half[:, None] + fine_idx, pw.reshape(-1, 2, 4), acc["gd"], acc["gw"])
+
+    def _record(self, rows: np.ndarray, sig: Any, pw: Any, fine_idx: Any, tot_f: Any, cls_e: Any,
+                acc: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """Best pose, Pmax, significant samples and posterior spreads of each particle; class masses."""
+        xp = self.xp
+        b, kf = rows.size, self.psi_fine.size
+        img = sig.image
+        e = int(img.shape[0])
         best_e, best_s = _argmax_per_image(xp, img, pw, b)
         j, s_idx = best_s // 4, best_s % 4
         best_cls = to_numpy(cls_e[best_e])
         new_psi = self.psi_fine[to_numpy(fine_idx[best_e, j]) % kf]
         new_off = to_numpy(tot_f[best_e, s_idx])
-        rows_np = rows
-        d_psi = (self.psi_fine[to_numpy(fine_idx % kf)] - new_psi[to_numpy(img)][:, None] + 180) % 360 - 180
-        d_off = to_numpy(tot_f) - new_off[to_numpy(img)][:, None, :]
-        pw_np = to_numpy(pw).reshape(e, 2, 4)
         img_np = to_numpy(img)
+        d_psi = (self.psi_fine[to_numpy(fine_idx % kf)] - new_psi[img_np][:, None] + 180) % 360 - 180
+        d_off = to_numpy(tot_f) - new_off[img_np][:, None, :]
+        pw_np = to_numpy(pw).reshape(e, 2, 4)
         rot2 = np.bincount(img_np, weights=(pw_np * (d_psi**2)[:, :, None]).sum((1, 2)), minlength=b)
         tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
         np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
         np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
         np.add.at(acc["spread_n"], best_cls, 1)
-        acc["changed"] += int((self.cls[rows_np] != best_cls).sum())
-        self.cls[rows_np], self.psi[rows_np], self.offsets[rows_np] = best_cls, new_psi, new_off
-        self.pmax[rows_np] = to_numpy(_max_per_image(xp, img, pw, b))
-        self.nsig[rows_np] = to_numpy(sig.n_significant)
-        const = to_numpy(((xp.abs(xm) ** 2) * wm).sum(axis=1))  # the dropped -sum |X|^2 / sigma2
-        self.loglik[rows_np] = to_numpy(top + xp.log(norm)) - const
+        acc["changed"] += int((self.cls[rows] != best_cls).sum())
+        self.cls[rows], self.psi[rows], self.offsets[rows] = best_cls, new_psi, new_off
+        self.pmax[rows] = to_numpy(_max_per_image(xp, img, pw, b))
+        self.nsig[rows] = to_numpy(sig.n_significant)
         np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
         acc["offset2"] += float((new_off**2).sum())
         acc["n"] += b
-        # Noise: residual power of each image at its best pose, per shell.
-        moved = xp.asarray(new_off - prev, dtype=xp.float32)
-        xb = xm * xp.exp((-2j * xp.pi / self.box) * (moved[:, 0, None] * kx + moved[:, 1, None] * ky))
-        pb = pm[fine_idx[best_e, j]]
-        res = xp.abs(xb - cm * pb) ** 2
-        shells = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
-        acc["resid"] += to_numpy(xp.bincount(shells, weights=res.sum(axis=0), minlength=self.box // 2 + 1))[
-            : self.box // 2 + 1]
-        acc["resid_n"] += b * to_numpy(xp.bincount(shells, minlength=self.box // 2 + 1))[: self.box // 2 + 1]
-        # M-step sums per (half set, class, fine angle) of w c X / sigma2 and w c^2 / sigma2 over the
-        # entries that carry any weight; the prediction's part of the residual, sum w c^2 A / sigma2, is
-        # the class slice times the weight sum, subtracted once per batch set in :meth:`iterate`.
-        wt_all = pw.reshape(e, 2, 4)
-        wt_all = wt_all * (wt_all > 1e-6)
-        live = xp.nonzero(wt_all.reshape(e, 8).sum(axis=1) > 0)[0]
-        half = xp.asarray(rows % 2)[img]  # (E,)
-        cw = cm * inv_s2[mk][None]  # (B, F): c / sigma2
-        u = cw * xm  # c X / sigma2
-        c2w = cm * cw  # c^2 / sigma2
-        for s in range(0, int(live.shape[0]), chunk):
-            ent = live[s:s + chunk]
-            ie = img[ent]
-            wt = wt_all[ent]  # (e, 2, 4)
-            # sum_s w_js X shifted by s = X * (sum_s w_js phase_s): one small matmul
-            wph = xp.matmul(wt.astype(xp.complex64), table[t[ent]])  # (e, 2, F)
-            gidx = (half[ent][:, None] * (self.k * kf) + fine_idx[ent]).ravel()
-            n_f = wph.shape[-1]
-            _add_rows(xp, acc["gd"], gidx, (u[ie][:, None, :] * wph).reshape(-1, n_f))
-            _add_rows(xp, acc["gw"], gidx, (wt.sum(axis=2)[:, :, None] * c2w[ie][:, None, :]).reshape(-1, n_f))
+        return fine_idx[best_e, j], new_off
+
 
     # -- maximisation -------------------------------------------------------------------------------
     def maximise(self, st: _State, acc: dict[str, Any], it: int, full_pass: bool) -> None:
@@ -729,6 +685,76 @@ def _interleave(z: np.ndarray) -> np.ndarray:
 def _deinterleave(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.astype(np.float32)).view(np.complex64)
 
+class _FineSet:
+    """One batch's images on the masked frequencies of the current size, for the oversampled poses.
+
+    Entries are significant coarse poses (image, class and angle, coarse offset); each has 2 finer
+    angles x 4 finer offsets.  Shifts are phase factors of the few distinct offsets, gathered per entry.
+    """
+
+    def __init__(self, box: int, size: int, mask: Any, x: Any, c: Any, inv_s2: Any, fine: Any,
+                 coarse_shifts: np.ndarray, children: np.ndarray, xp: Any) -> None:
+        self.xp = xp
+        self.xm, self.cm = x[:, mask], c[:, mask]  # (B, F)
+        self.wm = (friedel_weights(size, xp) * inv_s2)[mask]  # each Friedel pair once
+        self.inv = inv_s2[mask]
+        self.pm = fine[:, mask]  # (K kf, F)
+        ky, kx = (a.astype(xp.float32) for a in _freq_vectors(size, mask, xp))
+        self.ky, self.kx, self.box = ky, kx, box
+        self.shells = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
+        # Offsets are in pixels of the full box; the cropped transform keeps the box's frequency indices.
+        rel = xp.asarray(coarse_shifts[:, None, :] + children[None], dtype=xp.float32)
+        self.table = self._phase(rel).astype(xp.complex64)  # (Tc, 4, F)
+        self.chunk = max(1, (1 << 22) // max(int(self.xm.shape[1]) * 8, 1))
+
+    def _phase(self, shifts: Any) -> Any:
+        return self.xp.exp((-2j * self.xp.pi / self.box) * (shifts[..., 0, None] * self.kx
+                                                              + shifts[..., 1, None] * self.ky))
+
+    def scores(self, img: Any, shift: Any, fine_idx: Any) -> Any:
+        """Log-likelihoods (E, 2, 4) of the fine samples, up to a per-image constant."""
+        xp = self.xp
+        e = int(img.shape[0])
+        out = xp.empty((e, 2, 4), xp.float32)
+        for s in range(0, e, self.chunk):
+            sl = slice(s, s + self.chunk)
+            ie = img[sl]
+            p = self.pm[fine_idx[sl]]  # (e, 2, F)
+            # Re sum conj(X shifted) C P 2w = Re sum (conj(X) C 2w P) conj(phase): batched real matmuls.
+            y = (xp.conj(self.xm[ie]) * (self.cm[ie] * (2 * self.wm)))[:, None, :] * p
+            ph = self.table[shift[sl]]  # (e, 4, F)
+            cross = xp.matmul(y.real, xp.swapaxes(ph.real, 1, 2)) + xp.matmul(y.imag, xp.swapaxes(ph.imag, 1, 2))
+            power = xp.einsum("ef,ejf->ej", self.cm[ie] ** 2 * self.wm, p.real**2 + p.imag**2)
+            out[sl] = (cross - power[:, :, None]).astype(xp.float32)
+        return out
+
+    def best_residual_power(self, moved: Any, best_slice: Any) -> Any:
+        """|X shifted by ``moved`` - C P|^2 (B, F) at each image's best pose."""
+        return self.xp.abs(self.xm * self._phase(moved) - self.cm * self.pm[best_slice]) ** 2
+
+    def accumulate(self, img: Any, shift: Any, group: Any, weights: Any, data: Any, weight: Any) -> None:
+        """data[group] += w c X / sigma2 and weight[group] += w c^2 / sigma2 over samples with weight.
+
+        The prediction's part of the residual, sum w c^2 A / sigma2, is the group's slice times its
+        weight sum and is subtracted once per pass in :meth:`_Classifier.iterate`.
+        """
+        xp = self.xp
+        wt_all = weights * (weights > 1e-6)
+        live = xp.nonzero(wt_all.reshape(-1, 8).sum(axis=1) > 0)[0]
+        cw = self.cm * self.inv[None]  # c / sigma2
+        u, c2w = cw * self.xm, self.cm * cw
+        for s in range(0, int(live.shape[0]), self.chunk):
+            ent = live[s:s + self.chunk]
+            ie = img[ent]
+            wt = wt_all[ent]  # (e, 2, 4)
+            # sum_s w_js X shifted by s = X * (sum_s w_js phase_s): one small matmul
+            wph = xp.matmul(wt.astype(xp.complex64), self.table[shift[ent]])  # (e, 2, F)
+            n_f = wph.shape[-1]
+            gidx = group[ent].ravel()
+            _add_rows(xp, data, gidx, (u[ie][:, None, :] * wph).reshape(-1, n_f))
+            _add_rows(xp, weight, gidx, (wt.sum(axis=2)[:, :, None] * c2w[ie][:, None, :]).reshape(-1, n_f))
+
+
 def _freq_vectors(size: int, mask: Any, xp: Any) -> tuple[Any, Any]:
     from .fourier import freq_grid
 
@@ -736,6 +762,15 @@ def _freq_vectors(size: int, mask: Any, xp: Any) -> tuple[Any, Any]:
     ky = xp.broadcast_to(ky, mask.shape)
     kx = xp.broadcast_to(kx, mask.shape)
     return ky[mask], kx[mask]
+
+
+def _normalise_per_image(xp: Any, img: Any, logp: Any, b: int) -> tuple[Any, Any, Any]:
+    """Posteriors of samples (E, S) normalised over each image's samples; the per-image max and sum."""
+    top = xp.full(b, -xp.inf, dtype=xp.float32)
+    _maximum_at(xp, top, img, logp.max(axis=1))
+    p = xp.exp(logp - top[img][:, None])
+    norm = xp.bincount(img, weights=p.sum(axis=1), minlength=b)
+    return p / norm[img][:, None], top, norm
 
 
 def _maximum_at(xp: Any, target: Any, idx: Any, values: Any) -> None:
