@@ -240,9 +240,8 @@ class _Classifier:
         for r, imgs in progress(self.src.batches(opt.batch, rows), nb, desc, "batch", quiet=nb < 4):
             self._estep(r, xp.asarray(imgs), size, mask2d, inv_s2, coarse, fine, log_pi, st, acc)
         # The per-(class, angle) sums are back-projected once: K x angles slices at most.
-        gd, gw = g.zeros(), g.zeros(xp.float32)
-        gd2 = xp.zeros((2, *gd.shape), xp.complex64)
-        gw2 = xp.zeros((2, *gw.shape), xp.float32)
+        gd2 = xp.zeros((2, self.k, *g.shape), xp.complex64)
+        gw2 = xp.zeros((2, self.k, *g.shape), xp.float32)
         classes = np.repeat(np.arange(self.k), kf)
         rots = np.tile(rotation_2d(self.psi_fine), (self.k, 1, 1))
         pm = fine[:, mask2d]
