@@ -19,19 +19,19 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+from _timing import children_cpu
 
 from autoproc.demo import demo_model_path
 from reconstruct.class2d import Class2DOptions, class2d
 from reconstruct.files import read_particles
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+from reconstruct.simulate.scoring import classification_quality, truth_labels
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = {"vdam": "ours (class2d --algorithm vdam)", "em": "ours (class2d --algorithm em)",
@@ -55,20 +55,8 @@ def _simulate(out: Path, args: argparse.Namespace) -> None:
 
 def quality(data_star: Path, labels: np.ndarray, n_classes: int) -> dict:
     """Purity, junk separation and class use of one classification against the truth labels."""
-    cls = read_particles(data_star).data.rlnClassNumber.to_numpy()
-    majority = junk_kept = 0
-    for k in np.unique(cls):
-        vals, counts = np.unique(labels[cls == k], return_counts=True)
-        majority += counts.max()
-        if vals[counts.argmax()] == "junk":
-            junk_kept += counts[vals == "junk"][0]
-    return {"purity": majority / cls.size, "junk_separation": junk_kept / max(int((labels == "junk").sum()), 1),
-            "non_empty": int(np.unique(cls).size), "empty": n_classes - int(np.unique(cls).size)}
-
-
-def _children_cpu() -> float:
-    u = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return u.ru_utime + u.ru_stime
+    q = classification_quality(read_particles(data_star).data.rlnClassNumber.to_numpy(), labels)
+    return {**q, "empty": n_classes - q["non_empty"]}
 
 
 def run_ours(args: argparse.Namespace, algorithm: str) -> tuple[float, float, Path]:
@@ -89,10 +77,10 @@ def run_relion(args: argparse.Namespace) -> tuple[float, float, Path]:
            "--oversampling", "1", "--norm", "--scale", "--j", str(os.cpu_count() or 1), "--pool", "30",
            "--dont_combine_weights_via_disc"]
     logging.info("running %s", " ".join(cmd))
-    t, c = time.perf_counter(), _children_cpu()
+    t, c = time.perf_counter(), children_cpu()
     with open("Relion/run.out", "w") as so, open("Relion/run.err", "w") as se:
         subprocess.run(cmd, stdout=so, stderr=se, check=True)
-    return time.perf_counter() - t, _children_cpu() - c, Path("Relion/run_it025_data.star")
+    return time.perf_counter() - t, children_cpu() - c, Path("Relion/run_it025_data.star")
 
 
 def main() -> None:
@@ -113,8 +101,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     _simulate(out, args)
     os.chdir(out)
-    truth = pd.read_csv("truth/particles_truth.csv")
-    labels = np.where(truth.map_index.to_numpy() >= 0, truth.map_index.astype(str), "junk")
+    labels = truth_labels(".")
     if args.only in ("all", "relion") and not shutil.which("relion_refine"):
         raise SystemExit("relion_refine is not on PATH: install RELION (apt-get install relion) or use --only vdam")
     for program in (PROGRAMS if args.only == "all" else (args.only,)):

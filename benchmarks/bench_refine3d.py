@@ -28,13 +28,13 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from _timing import children_cpu
 
 from autoproc.demo import demo_model_path
 from reconstruct.files import read_map, read_particles, read_star, write_map
@@ -123,12 +123,6 @@ def _row(name: str, wall: float, cpu: float, final_map: Path, gold: float, data_
             "shift_err": sh, **extra}
 
 
-def _children_cpu() -> float:
-    """User + system CPU seconds of finished child processes (mpirun and its ranks)."""
-    u = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return u.ru_utime + u.ru_stime
-
-
 def run_ours(args: argparse.Namespace, truth: np.ndarray, ssri: bool = False) -> dict:
     """Our refine3d (with SSRI's maximisation if ``ssri``) on the simulated set; its wall time and quality."""
     out = Path("OursSSRI" if ssri else "Ours")
@@ -165,10 +159,10 @@ def run_relion(args: argparse.Namespace, truth: np.ndarray) -> dict:
            str(args.auto_local_healpix_order), "--offset_range", "5", "--offset_step", "1", "--sym", "C1",
            "--low_resol_join_halves", "40", "--norm", "--scale", "--j", "1"]
     logging.info("running %s", " ".join(cmd))
-    t, c = time.perf_counter(), _children_cpu()
+    t, c = time.perf_counter(), children_cpu()
     with open("Relion/run.out", "w") as so, open("Relion/run.err", "w") as se:
         subprocess.run(cmd, stdout=so, stderr=se, check=True)
-    wall, cpu = time.perf_counter() - t, _children_cpu() - c
+    wall, cpu = time.perf_counter() - t, children_cpu() - c
     model = read_star("Relion/run_model.star")
     gold = float(model["model_general"]["rlnCurrentResolution"].iloc[0])
     iters = max(int(p.name[6:9]) for p in Path("Relion").glob("run_it[0-9][0-9][0-9]_optimiser.star"))

@@ -34,6 +34,7 @@ from .files.mrc import read_map, write_stack
 from .files.stack import ImageSource
 from .files.star import read_particles, read_star, write_star
 from .fourier import centred_fft, crop_half, shift_images
+from .fsc import resolution_at
 from .geometry import rotation_2d
 from .likelihood import fourier_mask, friedel_weights, score_poses, significant_posteriors
 from .masks import soft_sphere
@@ -42,7 +43,16 @@ from .particles import CtfSource, origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum
 from .sampling import translations
-from .vdam import Moments, VdamSchedule, apply_step, class_steps, direction_power, fsc_weights, update_moments
+from .vdam import (
+    Moments,
+    VdamSchedule,
+    apply_step,
+    class_steps,
+    direction_power,
+    fsc_weights,
+    shell_means,
+    update_moments,
+)
 
 log = logging.getLogger("reconstruct")
 
@@ -364,14 +374,17 @@ class _Classifier:
         st.refs = refs * self.mask  # --flatten_solvent: zero outside the particle's circle
         st.fsc = to_numpy(fsc)
         covered = (acc["f_half"].sum(axis=0) > 0).astype(xp.float32)
-        from .vdam import shell_means
-
         shells = g.shell_index()
         st.completeness = to_numpy(shell_means(covered, shells, self.box // 2 + 2, shells <= self.box // 2 + 1))
         active = st.pi > 0.5 / (self.k * max(n, 1)) if self.k > 1 else np.ones(1, bool)
-        st.resolution_shell = max(5, max((_last_shell(st.fsc[k], 0.5) for k in np.nonzero(active)[0]), default=5))
+        res_shells = [self.resolved_shell(st, k) for k in np.nonzero(active)[0]]
+        st.resolution_shell = max(5, max(res_shells, default=5))
         st.avg_pmax = float(self.pmax[self.pmax > 0].mean()) if bool((self.pmax > 0).any()) else 0.0
         st.loglik = float(self.loglik.sum())
+
+    def resolved_shell(self, st: _State, k: int) -> int:
+        """Last shell of class ``k`` before its SNR estimate drops below 1 (FSC weight 0.5)."""
+        return resolution_at(st.fsc[k], self.box, self.px, 0.5).shell
 
     def replace_class(self, st: _State, v: Any, direction: Any, fsc: Any, pi_prev: np.ndarray,
                       radius: float) -> list[int]:
@@ -461,9 +474,9 @@ class _Classifier:
                    "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
                    "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": st.loglik, "rlnAveragePmax": st.avg_pmax}
         ssnr = st.fsc[:, :n_sh] / np.maximum(1 - st.fsc[:, :n_sh], 1e-6)
-        est = np.array([self.box * self.px / max(_last_shell(st.fsc[k], 0.5), 1) for k in range(self.k)])
-        completeness = np.array([st.completeness[k, 1:max(_last_shell(st.fsc[k], 0.5), 1) + 1].mean()
-                                 for k in range(self.k)])
+        resolved = [max(self.resolved_shell(st, k), 1) for k in range(self.k)]
+        est = np.array([self.box * self.px / r for r in resolved])
+        completeness = np.array([st.completeness[k, 1:r + 1].mean() for k, r in enumerate(resolved)])
         classes = pd.DataFrame({
             "rlnReferenceImage": [f"{k + 1:06d}@{self.out / root}_classes.mrcs" for k in range(self.k)],
             "rlnClassDistribution": st.pi,
@@ -663,15 +676,7 @@ def class2d(opt: Class2DOptions) -> Class2DResult:
                          gallery, st.it, st.pi, c.box * c.px / st.resolution_shell)
 
 
-def _last_shell(curve: np.ndarray, threshold: float) -> int:
-    """The last shell (from 1) before ``curve`` first drops below ``threshold``."""
-    below = np.nonzero(curve[1:] < threshold)[0]
-    return int(below[0]) if below.size else curve.size - 1
-
-
 def _shell_curve(values: Any, grids: ClassGrids, n_shells: int) -> Any:
-    from .vdam import shell_means
-
     shells = grids.shell_index()
     return shell_means(grids.xp.asarray(values), shells, n_shells + 1, shells <= n_shells)[:, :n_shells]
 

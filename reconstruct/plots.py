@@ -38,12 +38,7 @@ def plot_fsc(curves: Mapping[str, np.ndarray], box: int, pixel_size: float, out:
     top.set_xticklabels([f"{1 / t:.1f}" for t in ticks])
     top.set_xlabel("resolution (Å)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return _save_png(fig, out)
 
 
 def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Path, title: str = "2D classes",
@@ -67,6 +62,13 @@ def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Pa
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
         ax.set_title(f"{c + 1}: {100 * distribution[c]:.1f}%", fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return _save_png(fig, out)
+
+
+def _save_png(fig: object, out: str | Path) -> Path:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:

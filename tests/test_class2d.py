@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from autoproc.demo import demo_model_path
@@ -19,6 +18,7 @@ from reconstruct.files import read_map, read_particles, read_star
 from reconstruct.geometry import rotation_2d
 from reconstruct.projector import BackProjector, Projector
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+from reconstruct.simulate.scoring import classification_quality, truth_labels
 from reconstruct.vdam import Moments, VdamSchedule, apply_step, auto_subsets, fsc_weights, update_moments
 from tests.helpers import ADK_CLOSED
 
@@ -110,21 +110,9 @@ def mixture(tmp_path_factory) -> Path:
     return root
 
 
-def _labels(root: Path) -> np.ndarray:
-    truth = pd.read_csv(root / "truth/particles_truth.csv")
-    return np.where(truth.map_index.to_numpy() >= 0, truth.map_index.astype(str), "junk")
-
-
 def _quality(data_star: Path, labels: np.ndarray) -> tuple[float, float]:
-    """Purity (particles in their class's majority label) and the fraction of junk in junk-led classes."""
-    cls = read_particles(data_star).data.rlnClassNumber.to_numpy()
-    majority = junk_kept = 0
-    for k in np.unique(cls):
-        vals, counts = np.unique(labels[cls == k], return_counts=True)
-        majority += counts.max()
-        if vals[counts.argmax()] == "junk":
-            junk_kept += counts[vals == "junk"][0]
-    return majority / cls.size, junk_kept / max(int((labels == "junk").sum()), 1)
+    q = classification_quality(read_particles(data_star).data.rlnClassNumber.to_numpy(), labels)
+    return q["purity"], q["junk_separation"]
 
 
 def _run(root: Path, out: str, **kw) -> object:
@@ -137,7 +125,7 @@ def _run(root: Path, out: str, **kw) -> object:
 def test_vdam_separates_particles_and_junk_and_replaces_empty_classes(mixture):
     """VDAM with 16 classes for 3 kinds of particle: pure classes, junk in junk classes, and class
     replacement leaves fewer inactive classes than the same run without it."""
-    labels = _labels(mixture)
+    labels = truth_labels(mixture)
     k = 16
     kw = {"n_classes": k, "algorithm": "vdam", "n_iter": 60, "ini_subset": 100, "fin_subset": 200}
     res = _run(mixture, "VDAM", **kw)
@@ -173,7 +161,7 @@ def test_em_mode_and_continue_from_the_command_line(mixture):
     assert reconstruct_main([*args, "--iter", "8", "--continue"]) == 0
     general = read_star(mixture / "EM/run_it008_optimiser.star")["optimiser_general"].iloc[0]
     assert int(general.rlnCurrentIteration) == 8 and int(general.rlnDoGradientRefine) == 0
-    purity, _ = _quality(mixture / "EM/run_it008_data.star", _labels(mixture))
+    purity, _ = _quality(mixture / "EM/run_it008_data.star", truth_labels(mixture))
     assert purity > 0.75, purity
     # A different algorithm cannot continue this run.
     assert reconstruct_main([*args[:-2], "--algorithm", "vdam", "--project_dir", str(mixture), "--continue"]) == 2
