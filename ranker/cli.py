@@ -1,15 +1,19 @@
-"""``ranker``: the class ranker's command line (image preparation now; scoring and training as they land)."""
+"""``ranker``: score and select 2D classes, train the ranker, build its training corpus."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from reconstruct.cli import run_command
 from reconstruct.files.errors import InputError
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+log = logging.getLogger("ranker")
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
@@ -26,6 +30,72 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
     print(f"wrote {len(imgs)} images of {NET_SIZE}x{NET_SIZE} to {a.o}")
 
 
+def _cmd_score(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .job import read_class_job
+    from .model_store import load_model
+    from .score import rank_job, select_classes, write_rank_outputs
+
+    job_path = a.opt or a.job
+    if not job_path:
+        raise InputError(None, "no Class2D job given", "pass the job directory or --opt run_itNNN_optimiser.star")
+    model = load_model(a.model, a.model_sha256)
+    log.info("ranker model %s (sha256 %s...) from %s", model.version, model.sha256[:12], model.path)
+    job = read_class_job(job_path, a.project_dir)
+    log.info("job %s: %d classes, box %d, %.3f Å/px, mask diameter %.0f Å, %d particles", job.optimiser_star,
+             job.n_classes, job.box, job.pixel_size, job.diameter, len(job.data.data))
+    scores, inputs = rank_job(job, model, "cuda" if a.gpu else "cpu")
+    threshold = a.min_score if a.min_score is not None else model.threshold
+    sel = select_classes(scores, job.class_sizes(), threshold, a.max_score, a.select_min_nr_particles,
+                         a.select_min_nr_classes)
+    out = Path(a.o)
+    paths = write_rank_outputs(job, scores, sel, out, a.fn_root, a.fn_sel_parts, a.fn_sel_classavgs)
+    np.save(out / "features.npy", inputs.features)
+    np.save(out / "images.npy", inputs.images)
+    n_sel = int(np.isin(job.data.data.rlnClassNumber.to_numpy(int) - 1, np.nonzero(sel.selected)[0]).sum())
+    print(f"scored {len(inputs.class_index)} of {job.n_classes} classes (classes of <= 10 particles get -999); "
+          f"selected {int(sel.selected.sum())} classes with score >= {threshold:.3f}"
+          + (f" (+{sel.added_for_minimum} to reach the minimum)" if sel.added_for_minimum else "")
+          + f", {n_sel} of {len(job.data.data)} particles -> {paths['particles']}")
+    for k in np.argsort(-scores)[: min(10, len(scores))]:
+        if scores[k] > -999:
+            print(f"  class {k + 1:3d}: score {scores[k]:.3f}  {'selected' if sel.selected[k] else ''}")
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from training.train import TrainOptions, train
+
+    m = train(TrainOptions(data=[Path(d) for d in a.data], out=Path(a.o), epochs=a.epochs, lr=a.lr,
+                           weight_decay=a.weight_decay, batch_size=a.batch_size, seed=a.seed,
+                           val_fraction=a.val_fraction, held_out=a.held_out, patience=a.patience,
+                           accelerator="gpu" if a.gpu else "cpu", resume=a.resume, use_features=not a.no_features,
+                           cache=Path(a.cache) if a.cache else None))
+    print(json.dumps({k: m[k] for k in ("validation", "test", "default_threshold", "sha256")}, indent=1))
+    print(f"weights: {Path(a.o) / 'class_ranker.pt'}; metrics: {Path(a.o) / 'metrics.json'}")
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from training.data import load_samples
+    from training.train import evaluate
+
+    from .model_store import load_model
+
+    model = load_model(a.model)
+    samples = load_samples([Path(d) for d in a.data], Path(a.cache) if a.cache else None)
+    if a.group:
+        samples = samples.subset(samples.group == a.group)
+    threshold = a.min_score if a.min_score is not None else model.threshold
+    print(json.dumps(evaluate(model.net, samples, threshold, model.zero_granulometry), indent=1))
+
+
+def _cmd_corpus(a: argparse.Namespace) -> None:
+    from training.corpus import build_corpus
+
+    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed)
+    print(f"{len(index)} jobs in {a.o} ({int(index.held_out.sum())} held out)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ranker`` argument parser."""
     p = argparse.ArgumentParser(prog="ranker", formatter_class=HELP_FORMAT,
@@ -40,6 +110,86 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--particle_diameter", type=float, required=True, help="mask diameter D in Å")
     s.add_argument("--angpix", type=float, default=-1.0, help="pixel size in Å (-1: from the header)")
     s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser(
+        "score", formatter_class=HELP_FORMAT, help="score a Class2D job's classes and select the good ones",
+        description="Score each class average of a 2D classification job from 0 (useless) to 1 (best classes of "
+                    "the best data sets) with the class ranker (CNN on the 64x64 image + 24 features from the image "
+                    "and the job's metadata), select the classes scoring at least --min_score, and write RELION's "
+                    "outputs into --o: rank_model.star (rlnClassScore per class, -999 for classes of 10 particles "
+                    "or fewer), rank_data.star, rank_optimiser.star, backup_selection.star (rlnSelected), the "
+                    "selected particles (particles.star), class_averages.star, features.npy and images.npy (the "
+                    "network's inputs) and rank_gallery.png (classes sorted by score, selected ones framed green).")
+    s.add_argument("job", nargs="?",
+                   help="Class2D job directory (its last iteration is used) or run_itNNN_optimiser.star")
+    s.add_argument("--opt", help="the optimiser STAR file, as RELION's --opt (instead of JOB)")
+    s.add_argument("--o", required=True, help="output directory, e.g. Select/job010")
+    s.add_argument("--min_score", type=float, default=None,
+                   help="select classes scoring at least this (default: the threshold calibrated for the model, "
+                        "written in its card; RELION's GUI uses 0.5, its proc scheme 0.45)")
+    s.add_argument("--max_score", type=float, default=999.0, help="select classes scoring at most this")
+    s.add_argument("--select_min_nr_particles", type=int, default=-1,
+                   help="add the best unselected classes until this many particles are selected (-1: off)")
+    s.add_argument("--select_min_nr_classes", type=int, default=-1,
+                   help="add the best unselected classes until this many classes are selected (-1: off)")
+    s.add_argument("--fn_root", default="rank", help="root of the output names (rank_model.star, ...)")
+    s.add_argument("--fn_sel_parts", default="particles.star", help="file name of the selected particles")
+    s.add_argument("--fn_sel_classavgs", default="class_averages.star", help="file name of the selected classes")
+    s.add_argument("--model", default=None,
+                   help="ranker weights: ours or a RELION-5 v1.0 checkpoint (.ckpt or .ckpt.gz), loaded as weights "
+                        "only (default: the model shipped in the package, checked against its card's checksum)")
+    s.add_argument("--model_sha256", default=None, help="refuse --model unless its SHA-256 is this")
+    s.add_argument("--project_dir", default=None,
+                   help="RELION project directory the job's paths are relative to (default: the current directory; "
+                        "files are also looked for next to the optimiser file)")
+    s.add_argument("--gpu", action="store_true", help="run the network on the GPU")
+    s.set_defaults(func=_cmd_score)
+
+    s = sub.add_parser(
+        "train", formatter_class=HELP_FORMAT, help="train the ranker on Class2D jobs (EMPIAR-10812 or our corpus)",
+        description="Train the ranker network with PyTorch Lightning on job directories laid out as EMPIAR-10812 "
+                    "(run_model.star, run_data.star, run_optimiser.star, run_classes.mrcs, job_score.txt, "
+                    "backup_selection.star per job). Targets as RELION's script: job score x class category x "
+                    "relative resolution. Validation jobs are split off by job; --held_out names a group (protein) "
+                    "kept for testing. Writes class_ranker.pt, metrics.json, checkpoints/ (resume with --resume) "
+                    "and CSV logs into --o; the threshold balancing particle false positives and false negatives on "
+                    "the validation jobs becomes the model's default --min_score.")
+    s.add_argument("--data", nargs="+", required=True, help="directories of job directories (or single jobs)")
+    s.add_argument("--o", required=True, help="output directory")
+    s.add_argument("--epochs", type=int, default=200, help="maximum epochs (RELION: 200)")
+    s.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (RELION: 5e-5)")
+    s.add_argument("--weight_decay", type=float, default=5e-4, help="L2 weight decay (RELION: 5e-4)")
+    s.add_argument("--batch_size", type=int, default=32, help="batch size (RELION: 32)")
+    s.add_argument("--seed", type=int, default=12, help="random seed of the split, the weights and the batches")
+    s.add_argument("--val_fraction", type=float, default=0.2, help="fraction of the (not held-out) jobs for validation")
+    s.add_argument("--held_out", default=None, help="group (protein in job.json) whose jobs form the test set")
+    s.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better val_mse")
+    s.add_argument("--no_features", action="store_true", help="train on the images alone (features zeroed)")
+    s.add_argument("--cache", default=None, help="directory to keep each job's prepared inputs (.npz) in")
+    s.add_argument("--resume", action="store_true", help="continue from --o/checkpoints/last.ckpt")
+    s.add_argument("--gpu", action="store_true", help="train on the GPU")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("evaluate", formatter_class=HELP_FORMAT, help="metrics of a model on labelled jobs",
+                       description="MSE, Spearman correlation, AUC (truth-good classes vs the rest) and particle "
+                                   "false-positive/negative rates at the threshold, on job directories as for train.")
+    s.add_argument("--data", nargs="+", required=True, help="directories of job directories")
+    s.add_argument("--model", default=None, help="weights (default: the shipped model)")
+    s.add_argument("--group", default=None, help="only jobs of this group (protein)")
+    s.add_argument("--min_score", type=float, default=None, help="threshold (default: the model's calibrated one)")
+    s.add_argument("--cache", default=None, help="directory of prepared inputs (.npz)")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("make-corpus", formatter_class=HELP_FORMAT, help="simulate Class2D jobs for training",
+                       description="Simulate particles of each protein in ../shared/data/models (or $AUTOPROC_MODELS) "
+                                   "with random SNR, junk, neighbours, defocus, box and pixel size, classify them with "
+                                   "VDAM and store each job in EMPIAR-10812's layout with truth-derived categories. "
+                                   "Resumes: jobs already there are kept.")
+    s.add_argument("--o", required=True, help="corpus directory")
+    s.add_argument("--n_jobs", type=int, default=100, help="training jobs, spread over the training proteins")
+    s.add_argument("--n_held_out", type=int, default=12, help="jobs of the held-out protein (TCR-HLA, 3KPR)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the job parameters")
+    s.set_defaults(func=_cmd_corpus)
     return p
 
 

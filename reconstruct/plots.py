@@ -42,14 +42,19 @@ def plot_fsc(curves: Mapping[str, np.ndarray], box: int, pixel_size: float, out:
 
 
 def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Path, title: str = "2D classes",
-                       columns: int = 10) -> Path:
-    """Write class averages (K, N, N) as a grid sorted by class size, each labelled with its number and share."""
+                       columns: int = 10, scores: np.ndarray | None = None,
+                       selected: np.ndarray | None = None) -> Path:
+    """Write class averages (K, N, N) as a grid sorted by class size, each labelled with its number and share.
+
+    With ``scores`` the grid is sorted by score instead and each class shows its score; ``selected``
+    classes get a green frame, the others a red one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = np.argsort(-np.asarray(distribution), kind="stable")
+    order = np.argsort(-np.asarray(distribution if scores is None else scores), kind="stable")
     k = len(order)
     cols = min(columns, k)
     rows = -(-k // cols)
@@ -60,7 +65,16 @@ def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Pa
         img = refs[c]
         lo, hi = np.percentile(img, [1, 99.5])
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
-        ax.set_title(f"{c + 1}: {100 * distribution[c]:.1f}%", fontsize=7)
+        label = f"{100 * distribution[c]:.1f}%" if scores is None else (
+            "n/a" if scores[c] <= -999 else f"{scores[c]:.2f}")
+        ax.set_title(f"{c + 1}: {label}", fontsize=7)
+        if selected is not None:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if selected[c] else "tab:red")
+                spine.set_linewidth(2.5 if selected[c] else 1.0)
     fig.suptitle(title, fontsize=9)
     return _save_png(fig, out)
 

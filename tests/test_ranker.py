@@ -1,0 +1,351 @@
+"""The class ranker: features against hand-computed values, the job reader (ours and EMPIAR-10812's
+layout), training targets, the network's RELION-5 layout and safe loading, training, scoring and the
+selection outputs, and the shipped model on a held-out simulated job."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import DATA
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from ranker.cli import main as ranker_main
+from ranker.features import (
+    FEATURE_MEAN,
+    FEATURE_STD,
+    ClassMetadata,
+    granulometry,
+    image_features,
+    metadata_features,
+    moments,
+    normalise_features,
+    protein_mask,
+)
+from ranker.job import read_class_job
+from ranker.model_store import load_model, model_card
+from ranker.network import ClassRankerNet, load_network, save_checkpoint
+from ranker.score import select_classes
+from reconstruct.files import InputError, read_star, write_stack, write_star
+from training.data import job_samples, load_samples
+from training.targets import class_categories, target_score
+
+FIXTURE_JOB = DATA / "ranker_job_tcr"  # a simulated Class2D job of the held-out protein (see tests/data/README.md)
+
+
+# -- features ---------------------------------------------------------------------------------------
+def test_moments_match_population_definitions():
+    x = np.random.default_rng(0).gamma(2.0, size=500)
+    mean, std, skew, kurt = moments(x)
+    assert mean == pytest.approx(x.mean()) and std == pytest.approx(x.std())
+    assert skew == pytest.approx(stats.skew(x, bias=True))
+    assert kurt == pytest.approx(stats.kurtosis(x, fisher=False, bias=True))
+    assert moments(np.array([])) == (0.0, 0.0, 0.0, 0.0)
+    assert moments(np.ones(5))[2:] == (0.0, 0.0)
+
+
+def test_granulometry_of_a_square_by_hand():
+    """Opening a 9x9 square with the radius-1 disc (a cross) loses its 4 corners; radius 5 removes it."""
+    img = np.zeros((20, 20))
+    img[5:14, 5:14] = 1.0
+    g = granulometry(img)
+    assert g[0] == pytest.approx(77.0)
+    assert g[4] == pytest.approx(0.0) and g[5] == pytest.approx(0.0)
+    assert np.all(np.diff(g) <= 0)
+
+
+def test_protein_mask_islands_by_hand():
+    """R = 15 px: a 10x10 centre block is protein, a 3x3 island in the central disc is scattered signal,
+    an island outside the central disc is ignored."""
+    f = np.zeros((40, 40))
+    f[15:25, 15:25] = 1.0  # centre (20, 20)
+    f[27:30, 20:23] = 1.0  # in the central disc (r <= 9), separate from the block
+    f[20:23, 32:35] = 1.0  # r ~ 12-14: inside R, never reaches the central disc
+    mask, scattered = protein_mask(f, 15.0)
+    assert mask.sum() == 100 and mask[15:25, 15:25].all()
+    assert scattered == 9
+
+
+def test_image_features_on_a_synthetic_class():
+    """A bright disc at exactly 4 Å/px (no resampling): solvent is zero, the protein std and the sums are
+    those of the disc, and the ring (at the mask edge, where the image is 0.5) has mean 0.5 and std 0."""
+    n, px, diameter = 40, 4.0, 120.0  # R = 15 px
+    c = np.arange(n) - n // 2
+    r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    img = np.where(r <= 6, 2.0, 0.0)
+    img[(r >= 0.95 * 15) & (r <= 15)] = 0.5
+    v = image_features(img, px, diameter)
+    ring_mean, ring_std, protein_std, _, solvent_std = v[:5]
+    assert ring_mean == pytest.approx(0.5) and ring_std == pytest.approx(0.0, abs=1e-9)
+    disc = r <= 6
+    # the low-passed disc spreads a little beyond r = 6: the protein mask holds the disc and some zeros
+    protein_sum, solvent_sum, _ = v[17:]
+    assert protein_sum == pytest.approx(2.0 * disc.sum())
+    assert protein_std > 0 and solvent_std >= 0
+    assert solvent_sum == pytest.approx(0.5 * ((r >= 0.95 * 15) & (r <= 15)).sum())
+    lowpass_max = v[10]
+    assert 0 < lowpass_max < 2.5
+
+
+def test_metadata_features_and_normalisation():
+    m = ClassMetadata(accuracy_rotation=3.0, accuracy_translation=2.0, resolution=10.0, n_particles=np.e ** 2)
+    v = metadata_features(m, box=64, pixel_size=2.0)
+    np.testing.assert_allclose(v, [3.0, 2.0, 1 / (100 * 2), 10 / 128])
+    raw = np.zeros((3, 24))
+    raw[:, :21] = FEATURE_MEAN + FEATURE_STD  # every fixed slot normalises to 1
+    raw[:, 21] = [1.0, 2.0, 3.0]
+    raw[:, 22] = 5.0  # constant within the job -> 0
+    out = normalise_features(raw)
+    np.testing.assert_allclose(out[:, :21], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 21], (raw[:, 21] - 2) / np.std(raw[:, 21]), rtol=1e-5)
+    np.testing.assert_allclose(out[:, 22], 0.0)
+
+
+# -- targets --------------------------------------------------------------------------------------
+def test_target_scores_follow_relions_formula():
+    cats = np.array([1, 1, 5, 2, 3, 6, 0])
+    res = np.array([8.0, 10.0, 10.0, 16.0, 8.0, 20.0, 30.0])
+    n = np.full(7, 100)
+    t = target_score(cats, res, n, job_score=0.8)
+    w = np.minimum((8.0 / res) ** 2, 1.0)
+    np.testing.assert_allclose(t, 0.8 * np.array([0.75 + 0.25 * w[0], 0.75 + 0.25 * w[1], 0.5 + 0.25 * w[2],
+                                                   0.25 + 0.25 * w[3], 0.25 * w[4], 0, 0]), rtol=1e-6)
+
+
+def test_class_categories_from_truth():
+    n = 40
+    truth = pd.DataFrame({"category": ["good"] * 20 + ["ice"] * 12 + ["neighbour"] * 8,
+                          "rlnAngleRot": np.r_[np.full(10, 10.0), np.linspace(-180, 180, 10), np.zeros(20)],
+                          "rlnAngleTilt": np.r_[np.full(10, 90.0), np.linspace(0, 180, 10), np.zeros(20)]})
+    classes = np.r_[np.full(10, 1), np.full(10, 2), np.full(12, 3), np.full(8, 4)]
+    cats = class_categories(classes, truth, 5)
+    assert list(cats.category) == [1, 3, 6, 4, 0]  # pure one-view, good but many views, junk, neighbours, empty
+    assert cats.n.sum() == n
+
+
+# -- jobs on disk: EMPIAR-10812's layout -----------------------------------------------------------
+def make_job(root: Path, n_classes: int = 4, box: int = 32, px: float = 4.0, stack_name: str = "run_class.mrcs",
+             score: float = 0.9, categories: tuple[int, ...] = (1, 2, 6, 1), seed: int = 0) -> Path:
+    """A tiny Class2D job in EMPIAR-10812's layout: a blob per good class, noise for junk."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    c = np.arange(box) - box // 2
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    imgs = []
+    for k in range(n_classes):
+        if categories[k] in (1, 5):
+            imgs.append(np.exp(-r2 / (2 * (3 + k) ** 2)) * 3 + rng.normal(0, 0.05, (box, box)))
+        else:
+            imgs.append(rng.normal(0, 1, (box, box)))
+    write_stack(root / stack_name, np.array(imgs, np.float32), px)
+    dist = np.full(n_classes, 1.0 / n_classes)
+    classes = pd.DataFrame({"rlnReferenceImage": [f"{k + 1:06d}@Class2D/job007/run_it025_classes.mrcs"
+                                                  for k in range(n_classes)],
+                            "rlnClassDistribution": dist, "rlnAccuracyRotations": 3.0 + np.arange(n_classes),
+                            "rlnAccuracyTranslationsAngst": 2.0,
+                            "rlnEstimatedResolution": 8.0 + 2 * np.arange(n_classes)})
+    general = {"rlnReferenceDimensionality": 2, "rlnOriginalImageSize": box, "rlnPixelSize": px,
+               "rlnNrClasses": n_classes}
+    write_star(root / "run_model.star", {"model_general": general, "model_classes": classes})
+    n_parts = 25 * n_classes
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@Extract/job003/p.mrcs" for i in range(n_parts)],
+                          "rlnClassNumber": np.repeat(np.arange(1, n_classes + 1), 25), "rlnOpticsGroup": 1})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [px],
+                           "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+    write_star(root / "run_data.star", {"optics": optics, "particles": parts})
+    write_star(root / "run_optimiser.star", {"optimiser_general": {
+        "rlnModelStarFile": "Class2D/job007/run_it025_model.star",
+        "rlnExperimentalDataStarFile": "Class2D/job007/run_it025_data.star", "rlnParticleDiameter": 100.0,
+        "rlnDoCorrectCtf": 1}})
+    (root / "job_score.txt").write_text(f"{score}\n")
+    write_star(root / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": list(categories)})})
+    return root
+
+
+def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
+    job_dir = make_job(tmp_path / "a1b2c3d4e5f6")
+    job = read_class_job(job_dir, project_dir=job_dir)
+    assert job.n_classes == 4 and job.box == 32 and job.pixel_size == 4.0 and job.diameter == 100.0
+    s = job_samples(job_dir)
+    assert s.images.shape == (4, 64, 64) and s.features.shape == (4, 24)
+    res = 8.0 + 2 * np.arange(4)
+    np.testing.assert_allclose(s.targets, target_score(np.array([1, 2, 6, 1]), res, np.full(4, 25), 0.9))
+    assert s.targets[0] == pytest.approx(0.9)  # the best class of a job with J = 0.9
+    both = load_samples([tmp_path])
+    assert len(both) == 4 and set(both.job) == {"a1b2c3d4e5f6"}
+
+
+def test_bad_jobs_give_clear_errors(tmp_path):
+    job_dir = make_job(tmp_path / "job")
+    (job_dir / "run_class.mrcs").unlink()
+    with pytest.raises(InputError, match="class average stack"):
+        read_class_job(job_dir, project_dir=job_dir)
+    job_dir = make_job(tmp_path / "job2", categories=(1, 2, 6, 1))
+    write_star(job_dir / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": [1, 2]})})
+    with pytest.raises(InputError, match="2 rows for 4 classes"):
+        job_samples(job_dir)
+    # a broken job is skipped with a warning while the others load
+    make_job(tmp_path / "job3")
+    assert len(load_samples([tmp_path])) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no job directories"):
+        load_samples([tmp_path / "empty"])
+
+
+# -- the network: RELION-5's layout, safe loading ---------------------------------------------------
+class Relion5Model(nn.Module):
+    """RELION-5's v1.0 model as its training script defines it (written out independently here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        p = 0.3
+        layers: list[nn.Module] = []
+        for c_in, c in ((1, 16), (32, 32), (64, 64)):
+            layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.ReLU(), nn.Dropout(p), nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(),
+                       nn.Conv2d(c, 2 * c, 3, 2, 1), nn.Dropout(p)]
+        self.cnn_layers = nn.Sequential(*layers)
+        self.feature_extractor = nn.Sequential(nn.Linear(8192, 48))
+        self.classifier_images_and_features = nn.Sequential(nn.Dropout(p), nn.Linear(72, 48), nn.ReLU(),
+                                                            nn.Dropout(p), nn.Linear(48, 1))
+        self.classifier_images = nn.Sequential(nn.Dropout(p), nn.Linear(48, 1))
+        self.classifier_features = nn.Sequential(nn.Linear(24, 12), nn.ReLU(), nn.Dropout(p), nn.Linear(12, 1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = self.feature_extractor(self.cnn_layers(x).reshape(x.shape[0], -1))
+        return self.classifier_images_and_features(torch.cat([z, y], 1))
+
+
+def test_network_matches_relion5_layout_and_loads_its_checkpoint(tmp_path):
+    net = ClassRankerNet()
+    assert sum(p.numel() for p in net.parameters()) == 589_003
+    torch.manual_seed(1)
+    ref = Relion5Model().eval()
+    ckpt = {"model_state_dict": ref.state_dict(), "model_definition": "import os\nos.system('echo pwned')\n",
+            "P_DROPOUT": 0.3, "LEARNING_RATE": 5e-5, "BATCH_SIZE": 32, "USE_IMAGES": True, "USE_FEATURES": True,
+            "N_EPOCHS": 200, "CNN_W": 16, "FEAT_EXT_W": 48, "FEAT_EXT_W2": 48, "train_losses": [0.1, 0.05],
+            "valid_losses": [0.2, 0.1]}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    path = tmp_path / "v1.0.ckpt.gz"
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    model = load_model(path)
+    assert model.version == "relion-v1.0" and not model.zero_granulometry
+    x, y = torch.randn(5, 1, 64, 64), torch.randn(5, 24)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.net(x, y).numpy(), ref(x, y).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_with_code_or_wrong_layout_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"model_state_dict": {}, "payload": Evil()}, bad)
+    with pytest.raises(InputError, match="weights-only"):
+        load_network(bad)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model_state_dict": nn.Linear(3, 1).state_dict()}, wrong)
+    with pytest.raises(InputError, match=r"not a class ranker v1\.0 network"):
+        load_network(wrong)
+    ok = tmp_path / "ok.pt"
+    save_checkpoint(ClassRankerNet(), ok, version="x")
+    with pytest.raises(InputError, match="checksum"):
+        load_model(ok, expected_sha256="0" * 64)
+
+
+# -- selection ---------------------------------------------------------------------------------------
+def test_selection_threshold_and_minimums():
+    scores = np.array([0.9, 0.2, 0.6, -999.0, 0.4])
+    sizes = np.array([100, 50, 30, 5, 80])
+    assert list(select_classes(scores, sizes, 0.5).selected) == [True, False, True, False, False]
+    s = select_classes(scores, sizes, 0.5, min_particles=200)
+    assert list(s.selected) == [True, False, True, False, True] and s.added_for_minimum == 1
+    s = select_classes(scores, sizes, 0.95, min_classes=4)  # the unscored class is never added
+    assert list(s.selected) == [True, True, True, False, True]
+
+
+# -- training ----------------------------------------------------------------------------------------
+def test_one_epoch_of_training_lowers_the_loss(tmp_path):
+    import lightning as L
+
+    from training.module import RankerData, RankerModule
+
+    for i in range(3):
+        make_job(tmp_path / f"job{i}", categories=(1, 6, 1, 6), seed=i)
+    s = load_samples([tmp_path])
+    L.seed_everything(0)
+    module = RankerModule(lr=1e-4, weight_decay=0.0, dropout=0.0)
+
+    def loss() -> float:
+        module.eval()
+        with torch.no_grad():
+            pred = module(torch.as_tensor(s.images), torch.as_tensor(s.features))
+        return float(((pred - torch.as_tensor(s.targets)) ** 2).mean())
+
+    before = loss()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    module.train()
+    trainer.fit(module, RankerData(s, s, batch_size=4))
+    assert loss() < before
+
+
+@pytest.mark.slow
+def test_train_and_score_from_the_command_line(tmp_path):
+    """`ranker train` on a tiny corpus (2 epochs, then resumed to 3), then `ranker score` with its weights:
+    RELION's outputs, and the selected particle count equals the selected classes' sizes."""
+    for i, cats in enumerate(((1, 2, 6, 1), (1, 6, 6, 5), (2, 1, 1, 6))):
+        make_job(tmp_path / "corpus" / f"job{i}", categories=cats, seed=i)
+    out = tmp_path / "train"
+    base = ["train", "--data", str(tmp_path / "corpus"), "--o", str(out), "--val_fraction", "0.3", "--lr", "1e-3"]
+    assert ranker_main([*base, "--epochs", "2"]) == 0
+    assert ranker_main([*base, "--epochs", "3", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] >= 2 and metrics["validation"]["classes"] == 4
+    job = tmp_path / "Class2D" / "job007"
+    make_job(job, categories=(1, 2, 6, 1))
+    sel = tmp_path / "Select" / "job008"
+    assert ranker_main(["score", str(job), "--o", str(sel), "--model", str(out / "class_ranker.pt"),
+                        "--project_dir", str(tmp_path), "--min_score", "-10"]) == 0
+    ranked = read_star(sel / "rank_model.star")["model_classes"]
+    assert len(ranked) == 4 and "rlnClassScore" in ranked.columns
+    backup = next(iter(read_star(sel / "backup_selection.star").values()))
+    assert list(backup.rlnSelected) == [1, 1, 1, 1]
+    parts = read_star(sel / "particles.star")
+    assert len(parts["particles"]) == 100 and "optics" in parts
+    assert len(next(iter(read_star(sel / "class_averages.star").values()))) == 4
+    assert (sel / "rank_gallery.png").stat().st_size > 1000
+    assert np.load(sel / "features.npy").shape == (4, 24)
+
+
+# -- the shipped model ---------------------------------------------------------------------------------
+def test_shipped_model_matches_its_card_and_separates_good_from_junk(tmp_path):
+    """On a simulated job of a protein the model never saw, truth-good classes outscore junk classes."""
+    card = model_card()
+    model = load_model()
+    assert model.sha256 == card["sha256"] and model.zero_granulometry
+    s = job_samples(FIXTURE_JOB)
+    from ranker.score import predict, zero_granulometry
+
+    pred = predict(model.net, s.images, zero_granulometry(s.features))
+    good, junk = s.good, s.categories == 6
+    assert good.any() and junk.any()
+    keep = good | junk
+    assert roc_auc_score(good[keep], pred[keep]) > 0.8
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(model.path, damaged)
+    raw = bytearray(damaged.read_bytes())
+    raw[-100] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="checksum"):
+        load_model(damaged, expected_sha256=card["sha256"])

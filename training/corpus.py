@@ -1,0 +1,173 @@
+"""The ranker's training corpus: many small simulated Class2D jobs, laid out as EMPIAR-10812 is.
+
+Each job draws a protein, a signal-to-noise ratio, a junk fraction (ice, carbon edges, aggregates,
+noise), a fraction of particles with a neighbour at their edge, a defocus range, a box and a pixel
+size; simulates particles; runs our VDAM 2D classification on them; and keeps what EMPIAR-10812 keeps
+per job: ``run_classes.mrcs``, ``run_model.star``, ``run_data.star``, ``run_optimiser.star``,
+``job_score.txt`` and ``backup_selection.star``, whose categories come from the truth
+(:mod:`training.targets`). The particle images are deleted once classified. ``corpus.csv`` indexes the
+jobs with their parameters, so a split can hold out a protein.
+
+    python -m training.corpus --o corpus --n_jobs 100              # or: ranker make-corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reconstruct.class2d import Class2DOptions, class2d
+from reconstruct.files import read_particles, read_star, write_star
+from reconstruct.progress import progress
+from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+
+from .targets import class_categories, simulated_job_score
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "models"
+
+#: Proteins of the corpus: model file and the particle's radius in Å (99% of its density, measured).
+PROTEINS: dict[str, tuple[str, float]] = {
+    "cftr": ("6msm.pdb", 65.0),
+    "adk_open": ("4ake_adk_open.pdb", 35.0),
+    "adk_closed": ("1ake_adk_closed.pdb", 35.0),
+    "hiv_protease": ("1hvr.pdb", 30.0),
+    "tcr_hla": ("3kpr.cif.gz", 90.0),
+}
+HELD_OUT = "tcr_hla"  # the protein the validation jobs come from, never seen in training
+
+
+@dataclass
+class CorpusJob:
+    """Parameters of one simulated Class2D job."""
+
+    name: str
+    protein: str
+    n_particles: int
+    box: int
+    pixel_size: float
+    diameter: float  # Å, the mask diameter given to class2d
+    snr: float
+    junk_fraction: float
+    neighbour_fraction: float
+    defocus_min: float
+    defocus_max: float
+    n_classes: int
+    n_iter: int
+    seed: int
+    job_score: float = 0.0
+
+
+def draw_job(index: int, protein: str, rng: np.random.Generator) -> CorpusJob:
+    """A random job for ``protein``: the particle fills ~55-70% of the box."""
+    _, radius = PROTEINS[protein]
+    box = int(rng.choice([48, 64]))
+    diameter = 2.3 * radius
+    pixel_size = round(diameter / (box * rng.uniform(0.62, 0.8)), 2)
+    lo = rng.uniform(5000, 15000)
+    snr = float(np.exp(rng.uniform(np.log(0.015), np.log(0.3))))
+    junk = float(rng.choice([0.0, rng.uniform(0.05, 0.45)], p=[0.2, 0.8]))
+    name = f"{protein}_{index:04d}"
+    return CorpusJob(name=name, protein=protein, n_particles=int(rng.integers(600, 1300)), box=box,
+                     pixel_size=pixel_size, diameter=round(diameter, 1), snr=snr, junk_fraction=junk,
+                     neighbour_fraction=float(rng.choice([0.0, rng.uniform(0.05, 0.3)])),
+                     defocus_min=lo, defocus_max=lo + rng.uniform(5000, 20000),
+                     n_classes=int(rng.integers(8, 17)), n_iter=int(rng.integers(20, 61)), seed=index,
+                     job_score=simulated_job_score(snr, junk))
+
+
+def models_dir() -> Path:
+    """The atomic models: $AUTOPROC_MODELS, else ../shared/data/models next to the checkout."""
+    import os
+
+    return Path(os.environ.get("AUTOPROC_MODELS", MODELS_DIR)).resolve()
+
+
+def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
+    """Simulate, classify and store one job in EMPIAR-10812's layout under ``out/job.name``."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model = models_dir() / PROTEINS[job.protein][0]
+    vol = atomic_model_map(model, job.box, job.pixel_size)
+    sim = ParticleSimulation(n_particles=job.n_particles, box=job.box, pixel_size=job.pixel_size, snr=job.snr,
+                             particle_diameter=job.diameter, junk_fraction=job.junk_fraction,
+                             neighbour_fraction=job.neighbour_fraction,
+                             defocus_range=(job.defocus_min, job.defocus_max), max_offset=2 * job.pixel_size,
+                             seed=job.seed)
+    truth = simulate_particles([vol], sim, work)
+    res = class2d(Class2DOptions(star=work / "Extract/job001/particles.star", out=work / "Class2D",
+                                 particle_diameter=job.diameter, n_classes=job.n_classes, n_iter=job.n_iter,
+                                 ini_subset=100, fin_subset=300, write_every=1000, seed=job.seed,
+                                 project_dir=work))
+    dest = out / job.name
+    tmp = out / f".{job.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(res.classes, tmp / "run_classes.mrcs")
+    model = read_star(res.model_star)
+    model["model_classes"]["rlnReferenceImage"] = [f"{k + 1:06d}@run_classes.mrcs"
+                                                   for k in range(len(model["model_classes"]))]
+    model["model_classes"] = model["model_classes"].drop(columns=["rlnGradMoment1", "rlnGradMoment2"],
+                                                         errors="ignore")
+    write_star(tmp / "run_model.star", model)
+    shutil.copy(res.data_star, tmp / "run_data.star")
+    opt = read_star(res.model_star.with_name(res.model_star.name.replace("_model", "_optimiser")))
+    general = opt["optimiser_general"]
+    general["rlnModelStarFile"] = "run_model.star"
+    general["rlnExperimentalDataStarFile"] = "run_data.star"
+    write_star(tmp / "run_optimiser.star", opt)
+    classes = read_particles(res.data_star).data.rlnClassNumber.to_numpy()
+    cats = class_categories(classes, truth.table, job.n_classes)
+    write_star(tmp / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})
+    cats.to_csv(tmp / "class_truth.csv", index=False)
+    (tmp / "job_score.txt").write_text(f"{job.job_score:.4f}\n")
+    (tmp / "job.json").write_text(json.dumps(asdict(job), indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0) -> pd.DataFrame:
+    """Make ``n_jobs`` training jobs over the training proteins and ``n_held_out`` of the held-out one.
+
+    Jobs already in ``out`` are kept (the corpus resumes after an interruption).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train_proteins = [p for p in PROTEINS if p != HELD_OUT]
+    plan = [draw_job(i, train_proteins[i % len(train_proteins)], rng) for i in range(n_jobs)]
+    held = [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
+    order = sorted(plan + held, key=lambda j: (j.seed if j.protein != HELD_OUT else
+                                                (j.seed - n_jobs + 0.5) * n_jobs / max(n_held_out, 1)))
+    for job in progress(order, len(order), desc="corpus jobs", unit="job"):
+        if not (out / job.name / "job.json").exists():
+            make_job(job, out, out / ".work")
+    index = pd.DataFrame([asdict(j) for j in plan + held])
+    index["held_out"] = index.protein == HELD_OUT
+    index.to_csv(out / "corpus.csv", index=False)
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of the corpus builder."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--o", required=True, help="corpus directory")
+    ap.add_argument("--n_jobs", type=int, default=100, help="training jobs (default 100)")
+    ap.add_argument("--n_held_out", type=int, default=12, help=f"jobs of the held-out protein {HELD_OUT} (default 12)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the job parameters (default 0)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Train the class ranker, calibrate its selection threshold and write the weights with a model card.
+
+Validation is split by job (never by class: classes of one job share its noise and its score), with
+scikit-learn's ``GroupShuffleSplit``; the jobs of a held-out group (a protein never seen in training)
+form the test set the card reports. The threshold is chosen on the validation jobs to balance the
+particle false-positive and false-negative rates against truth-good classes (``roc_curve`` weighted by
+class size), then reported on the test jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+from sklearn.metrics import mean_squared_error, roc_auc_score, roc_curve
+from sklearn.model_selection import GroupShuffleSplit
+
+from ranker.network import ClassRankerNet, save_checkpoint, sha256
+from ranker.score import predict, zero_granulometry
+
+from .data import Samples, load_samples, summary
+
+log = logging.getLogger(__name__)
+VERSION = "autoproc-ranker-1.0"
+
+
+@dataclass
+class TrainOptions:
+    """Options of ``ranker train`` (defaults: RELION's script, except the learning rate and epochs)."""
+
+    data: list[Path]
+    out: Path
+    epochs: int = 200
+    lr: float = 5e-5
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    dropout: float = 0.3
+    seed: int = 12
+    val_fraction: float = 0.2
+    held_out: str | None = None  # group (protein) whose jobs are the test set
+    patience: int = 20
+    accelerator: str = "auto"
+    resume: bool = False
+    use_features: bool = True
+    cache: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str | None
+                 ) -> tuple[Samples, Samples, Samples]:
+    """Train / validation / test samples: test = the held-out group's jobs; validation = whole jobs."""
+    test_mask = samples.group == held_out if held_out else np.zeros(len(samples), bool)
+    rest = np.nonzero(~test_mask)[0]
+    splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    tr, va = next(splitter.split(rest, groups=samples.job[rest]))
+    train_mask = np.zeros(len(samples), bool)
+    val_mask = np.zeros(len(samples), bool)
+    train_mask[rest[tr]] = True
+    val_mask[rest[va]] = True
+    return samples.subset(train_mask), samples.subset(val_mask), samples.subset(test_mask)
+
+
+def particle_rates(scores: np.ndarray, good: np.ndarray, sizes: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Particle false-positive rate (of particles in not-good classes, the share selected) and
+    false-negative rate (of particles in good classes, the share left out) at ``threshold``."""
+    sel = scores >= threshold
+    bad_total = sizes[~good].sum()
+    good_total = sizes[good].sum()
+    fpr = float(sizes[sel & ~good].sum() / bad_total) if bad_total > 0 else 0.0
+    fnr = float(sizes[~sel & good].sum() / good_total) if good_total > 0 else 0.0
+    return fpr, fnr
+
+
+def calibrate_threshold(scores: np.ndarray, good: np.ndarray, sizes: np.ndarray) -> float:
+    """The score threshold minimising the larger of the particle FPR and FNR (ROC weighted by class size)."""
+    if good.all() or not good.any():
+        return 0.5
+    fpr, tpr, thr = roc_curve(good, scores, sample_weight=sizes)
+    worst = np.maximum(fpr, 1 - tpr)
+    i = int(np.argmin(np.where(np.isfinite(thr), worst, np.inf)))
+    return float(thr[i])
+
+
+def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granulo: bool = True) -> dict[str, float]:
+    """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` on ``samples``."""
+    if len(samples) == 0:
+        return {}
+    feats = zero_granulometry(samples.features) if zero_granulo else samples.features
+    pred = predict(net, samples.images, feats)
+    good = samples.good
+    fpr, fnr = particle_rates(pred, good, samples.sizes, threshold)
+    return {"classes": len(samples), "jobs": int(np.unique(samples.job).size),
+            "mse": float(mean_squared_error(samples.targets, pred)),
+            "spearman": float(spearmanr(pred, samples.targets).statistic),
+            "auc_good": float(roc_auc_score(good, pred)) if 0 < good.sum() < len(good) else float("nan"),
+            "particle_fpr": fpr, "particle_fnr": fnr, "threshold": threshold}
+
+
+def train(opt: TrainOptions) -> dict[str, Any]:
+    """Fit, calibrate, evaluate and export; returns the metrics written to ``out/metrics.json``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .module import RankerData, RankerModule
+
+    L.seed_everything(opt.seed, workers=True)
+    opt.out.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(opt.data, opt.cache)
+    log.info("samples by group:\n%s", summary(samples))
+    train_s, val_s, test_s = split_by_job(samples, opt.val_fraction, opt.seed, opt.held_out)
+    log.info("split by job: %d train classes, %d validation, %d test (%s)", len(train_s), len(val_s), len(test_s),
+             opt.held_out or "none held out")
+    module = RankerModule(opt.lr, opt.weight_decay, opt.dropout, opt.use_features)
+    ckpt_dir = opt.out / "checkpoints"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_mse", mode="min", save_last=True)
+    trainer = L.Trainer(max_epochs=opt.epochs, accelerator=opt.accelerator, devices=1, deterministic=True,
+                        callbacks=[best, EarlyStopping("val_mse", patience=opt.patience, mode="min")],
+                        logger=CSVLogger(opt.out, name="logs"), enable_model_summary=False, log_every_n_steps=5)
+    last = ckpt_dir / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(module, RankerData(train_s, val_s, opt.batch_size, opt.seed),
+                ckpt_path=str(last) if opt.resume and last.exists() else None)
+    seconds = time.perf_counter() - t0
+    best_module = RankerModule.load_from_checkpoint(best.best_model_path or str(last), weights_only=False)
+    net = best_module.net.cpu().eval()
+    if not opt.use_features:
+        net = _features_off(net)
+    val_pred = predict(net, val_s.images, zero_granulometry(val_s.features))
+    threshold = calibrate_threshold(val_pred, val_s.good, val_s.sizes)
+    metrics = {"validation": evaluate(net, val_s, threshold), "test": evaluate(net, test_s, threshold),
+               "train_classes": len(train_s), "epochs": int(trainer.current_epoch), "train_seconds": seconds,
+               "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opt).items()
+                           if k not in ("data", "extra")} | {"data": [str(d) for d in opt.data]}}
+    weights = opt.out / "class_ranker.pt"
+    save_checkpoint(net, weights, version=VERSION, zero_granulometry=True, default_threshold=threshold,
+                    use_features=opt.use_features)
+    metrics["sha256"] = sha256(weights)
+    metrics["default_threshold"] = threshold
+    (opt.out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    log.info("validation: %s", metrics["validation"])
+    log.info("test (%s): %s", opt.held_out, metrics["test"])
+    return metrics
+
+
+def _features_off(net: ClassRankerNet) -> ClassRankerNet:
+    """A network trained with its features zeroed ignores them: make that part of its weights."""
+    import torch
+
+    with torch.no_grad():
+        net.classifier_images_and_features[1].weight[:, 48:] = 0.0
+    return net
+
