@@ -96,6 +96,53 @@ def _cmd_corpus(a: argparse.Namespace) -> None:
     print(f"{len(index)} jobs in {a.o} ({int(index.held_out.sum())} held out)")
 
 
+def _cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from .service import LOOPBACK, ServiceConfig, create_app, read_token
+
+    token = read_token(a.token_file) if a.token_file else None
+    if a.host not in LOOPBACK and token is None:
+        raise InputError(None, f"refusing to listen on {a.host} without a token",
+                         "pass --token-file with a long random token (clients send 'Authorization: Bearer TOKEN'), "
+                         "or bind to 127.0.0.1")
+    device = "cuda" if a.gpu else "cpu"
+    if a.workers > 1:
+        os.environ.update({"RANKER_MODEL": a.model or "", "RANKER_MAX_UPLOAD_MB": str(a.max_upload_mb),
+                           "RANKER_MAX_CLASSES": str(a.max_classes), "RANKER_DEVICE": device,
+                           "RANKER_TOKEN_FILE": str(a.token_file or "")})
+        uvicorn.run("ranker.service:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers)
+        return
+    app = create_app(ServiceConfig(model_path=a.model, max_upload_mb=a.max_upload_mb, max_classes=a.max_classes,
+                                   token=token, device=device))
+    log.info("serving the class ranker %s on http://%s:%d (docs at /docs)", app.state.model.version, a.host, a.port)
+    uvicorn.run(app, host=a.host, port=a.port)
+
+
+def _cmd_score_remote(a: argparse.Namespace) -> None:
+    from .client import score_remote
+
+    result = score_remote(a.url, Path(a.stack), Path(a.model_star) if a.model_star else None,
+                          Path(a.data_star) if a.data_star else None, a.particle_diameter, a.pixel_size,
+                          read_token_file(a.token_file) if a.token_file else None, a.timeout)
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"# model {result['model']['version']}; {result['note']}")
+    print("class\tscore")
+    for c in result["classes"]:
+        print(f"{c['class']}\t{c['score']:.4f}")
+
+
+def read_token_file(path: str) -> str:
+    """The token in a file (for the client)."""
+    from .service import read_token
+
+    return read_token(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ranker`` argument parser."""
     p = argparse.ArgumentParser(prog="ranker", formatter_class=HELP_FORMAT,
@@ -190,6 +237,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n_held_out", type=int, default=12, help="jobs of the held-out protein (TCR-HLA, 3KPR)")
     s.add_argument("--seed", type=int, default=0, help="seed of the job parameters")
     s.set_defaults(func=_cmd_corpus)
+
+    s = sub.add_parser(
+        "serve", formatter_class=HELP_FORMAT, help="HTTP scoring service (FastAPI + uvicorn)",
+        description="Serve the ranker over HTTP: POST /v1/score (multipart: stack = an MRC stack of class averages; "
+                    "optionally model_star and data_star, the Class2D job's _model.star and _data.star, for the "
+                    "metadata features; form fields particle_diameter and pixel_size in Å), GET /v1/health, "
+                    "GET /v1/model; OpenAPI docs at /docs. Listening on anything but loopback needs --token-file; "
+                    "clients then send 'Authorization: Bearer TOKEN'.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--model", default=None, help="weights (default: the shipped model)")
+    s.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
+    s.add_argument("--token-file", dest="token_file", default=None,
+                   help="file whose first line is the bearer token required on every request but /v1/health")
+    s.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, default=256.0,
+                   help="largest accepted request (MB); larger ones get 413")
+    s.add_argument("--max-classes", dest="max_classes", type=int, default=2000,
+                   help="most class averages in one request; more get 413")
+    s.add_argument("--gpu", action="store_true", help="score on the GPU (concurrent requests share batches)")
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("score-remote", formatter_class=HELP_FORMAT, help="score class averages on a ranker server",
+                       description="Client of `ranker serve`: upload a class-average stack (and optionally the job's "
+                                   "model and data STAR files) and print one score per class.")
+    s.add_argument("url", help="server address, e.g. http://127.0.0.1:8000")
+    s.add_argument("stack", help="class averages (.mrcs)")
+    s.add_argument("--model-star", dest="model_star", default=None, help="the Class2D job's _model.star")
+    s.add_argument("--data-star", dest="data_star", default=None, help="the Class2D job's _data.star")
+    s.add_argument("--particle_diameter", type=float, default=None, help="mask diameter (Å)")
+    s.add_argument("--pixel_size", type=float, default=None, help="pixel size (Å) if the stack's header has none")
+    s.add_argument("--token-file", dest="token_file", default=None, help="file holding the server's bearer token")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server")
+    s.add_argument("--json", action="store_true", help="print the server's whole JSON answer")
+    s.set_defaults(func=_cmd_score_remote)
     return p
 
 

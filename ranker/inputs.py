@@ -31,3 +31,17 @@ def job_inputs(job: ClassJob) -> JobInputs:
         np.zeros((0, 64, 64), np.float32)
     return JobInputs(keep, images, normalise_features(raw) if keep.size else np.zeros((0, 24), np.float32), raw,
                      job.class_sizes()[keep])
+
+
+def image_only_inputs(images: np.ndarray, pixel_size: float, diameter: float) -> JobInputs:
+    """Inputs from class images alone (no job metadata): every class is scored, and the four metadata
+    features (accuracies, resolutions) are set to their normalised mean, 0, so they favour no class."""
+    from .features import FEATURE_MEAN, image_features
+
+    k = len(images)
+    raw = np.zeros((k, 24))
+    raw[:, :4] = FEATURE_MEAN[:4]
+    for i, im in enumerate(images):
+        raw[i, 4:] = image_features(im, pixel_size, diameter)
+    return JobInputs(np.arange(k), network_images(images, diameter, pixel_size), normalise_features(raw), raw,
+                     np.zeros(k))

@@ -130,27 +130,49 @@ def read_class_job(path: str | Path, project_dir: str | Path | None = None) -> C
                              "run from the project directory or pass --project_dir")
         located[label] = found
     model_path = located["rlnModelStarFile"]
+    model = _read_model(model_path)
+    images = _class_images(model["model_classes"], model_path, project, here)
+    diameter = float(general.get("rlnParticleDiameter", -1))
+    return class_job_from_files(model_path, located["rlnExperimentalDataStarFile"], images, diameter, opt_path, model)
+
+
+def _read_model(model_path: Path) -> dict[str, pd.DataFrame]:
     model = read_star(model_path)
     if "model_classes" not in model or "model_general" not in model:
         raise InputError(model_path, "no data_model_classes/data_model_general block: not a classification model")
-    classes = model["model_classes"].reset_index(drop=True)
     for col in ("rlnReferenceImage", "rlnClassDistribution"):
-        if col not in classes.columns:
+        if col not in model["model_classes"].columns:
             raise InputError(model_path, f"data_model_classes has no {col} column")
+    return model
+
+
+def class_job_from_files(model_path: Path, data_path: Path, images: np.ndarray, diameter: float,
+                         optimiser_path: Path | None = None, model: dict[str, pd.DataFrame] | None = None) -> ClassJob:
+    """A job from its model and data STAR files and the class images (e.g. uploaded to the HTTP service).
+
+    A non-positive ``diameter`` falls back to 90% of the box, a mask just inside it.
+    """
+    model = model if model is not None else _read_model(model_path)
+    classes = model["model_classes"].reset_index(drop=True)
     mg = model["model_general"].iloc[0]
     if int(mg.get("rlnReferenceDimensionality", 2)) != 2:
         raise InputError(model_path, "is a 3D model", "the ranker scores 2D class averages")
     pixel_size = float(mg.get("rlnPixelSize", 0.0))
     if not pixel_size > 0:
         raise InputError(model_path, "model_general has no positive rlnPixelSize")
-    images = _class_images(classes, model_path, project, here)
-    diameter = float(general.get("rlnParticleDiameter", -1))
+    if len(images) != len(classes):
+        raise InputError(model_path, f"lists {len(classes)} classes but the stack holds {len(images)} images",
+                         "pass the model.star of the same iteration as the class averages")
     if not diameter > 0:
-        diameter = 0.9 * images.shape[-1] * pixel_size  # RELION's default mask is the box less a margin
-    data = read_particles(located["rlnExperimentalDataStarFile"], required=("rlnClassNumber",))
+        diameter = 0.9 * images.shape[-1] * pixel_size
+    data = read_particles(data_path, required=("rlnClassNumber",))
+    numbers = data.data.rlnClassNumber.to_numpy()
+    if len(numbers) and (numbers.min() < 1 or numbers.max() > len(classes)):
+        raise InputError(data_path, f"rlnClassNumber runs from {numbers.min()} to {numbers.max()} but the job has "
+                         f"{len(classes)} classes", "pass the data.star of the same iteration")
     ssnr = {int(m.group(1)): df for name, df in model.items() if (m := re.fullmatch(r"model_class_(\d+)", name))}
-    return ClassJob(opt_path, model_path, located["rlnExperimentalDataStarFile"], images, classes, pixel_size,
-                    diameter, data, ssnr)
+    return ClassJob(optimiser_path or model_path, model_path, data_path, np.asarray(images, np.float32), classes,
+                    pixel_size, diameter, data, ssnr)
 
 
 def _class_images(classes: pd.DataFrame, model_path: Path, project: Path, here: Path) -> np.ndarray:

@@ -8,13 +8,12 @@ import gzip
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import DATA
+from helpers import DATA, make_class2d_job
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -35,7 +34,7 @@ from ranker.job import read_class_job
 from ranker.model_store import load_model, model_card
 from ranker.network import ClassRankerNet, load_network, save_checkpoint
 from ranker.score import select_classes
-from reconstruct.files import InputError, read_star, write_stack, write_star
+from reconstruct.files import InputError, read_star, write_star
 from training.data import job_samples, load_samples
 from training.targets import class_categories, target_score
 
@@ -133,46 +132,8 @@ def test_class_categories_from_truth():
 
 
 # -- jobs on disk: EMPIAR-10812's layout -----------------------------------------------------------
-def make_job(root: Path, n_classes: int = 4, box: int = 32, px: float = 4.0, stack_name: str = "run_class.mrcs",
-             score: float = 0.9, categories: tuple[int, ...] = (1, 2, 6, 1), seed: int = 0) -> Path:
-    """A tiny Class2D job in EMPIAR-10812's layout: a blob per good class, noise for junk."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    c = np.arange(box) - box // 2
-    r2 = c[:, None] ** 2 + c[None, :] ** 2
-    imgs = []
-    for k in range(n_classes):
-        if categories[k] in (1, 5):
-            imgs.append(np.exp(-r2 / (2 * (3 + k) ** 2)) * 3 + rng.normal(0, 0.05, (box, box)))
-        else:
-            imgs.append(rng.normal(0, 1, (box, box)))
-    write_stack(root / stack_name, np.array(imgs, np.float32), px)
-    dist = np.full(n_classes, 1.0 / n_classes)
-    classes = pd.DataFrame({"rlnReferenceImage": [f"{k + 1:06d}@Class2D/job007/run_it025_classes.mrcs"
-                                                  for k in range(n_classes)],
-                            "rlnClassDistribution": dist, "rlnAccuracyRotations": 3.0 + np.arange(n_classes),
-                            "rlnAccuracyTranslationsAngst": 2.0,
-                            "rlnEstimatedResolution": 8.0 + 2 * np.arange(n_classes)})
-    general = {"rlnReferenceDimensionality": 2, "rlnOriginalImageSize": box, "rlnPixelSize": px,
-               "rlnNrClasses": n_classes}
-    write_star(root / "run_model.star", {"model_general": general, "model_classes": classes})
-    n_parts = 25 * n_classes
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@Extract/job003/p.mrcs" for i in range(n_parts)],
-                          "rlnClassNumber": np.repeat(np.arange(1, n_classes + 1), 25), "rlnOpticsGroup": 1})
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [px],
-                           "rlnImageSize": [box], "rlnImageDimensionality": [2]})
-    write_star(root / "run_data.star", {"optics": optics, "particles": parts})
-    write_star(root / "run_optimiser.star", {"optimiser_general": {
-        "rlnModelStarFile": "Class2D/job007/run_it025_model.star",
-        "rlnExperimentalDataStarFile": "Class2D/job007/run_it025_data.star", "rlnParticleDiameter": 100.0,
-        "rlnDoCorrectCtf": 1}})
-    (root / "job_score.txt").write_text(f"{score}\n")
-    write_star(root / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": list(categories)})})
-    return root
-
-
 def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
-    job_dir = make_job(tmp_path / "a1b2c3d4e5f6")
+    job_dir = make_class2d_job(tmp_path / "a1b2c3d4e5f6")
     job = read_class_job(job_dir, project_dir=job_dir)
     assert job.n_classes == 4 and job.box == 32 and job.pixel_size == 4.0 and job.diameter == 100.0
     s = job_samples(job_dir)
@@ -185,16 +146,16 @@ def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
 
 
 def test_bad_jobs_give_clear_errors(tmp_path):
-    job_dir = make_job(tmp_path / "job")
+    job_dir = make_class2d_job(tmp_path / "job")
     (job_dir / "run_class.mrcs").unlink()
     with pytest.raises(InputError, match="class average stack"):
         read_class_job(job_dir, project_dir=job_dir)
-    job_dir = make_job(tmp_path / "job2", categories=(1, 2, 6, 1))
+    job_dir = make_class2d_job(tmp_path / "job2", categories=(1, 2, 6, 1))
     write_star(job_dir / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": [1, 2]})})
     with pytest.raises(InputError, match="2 rows for 4 classes"):
         job_samples(job_dir)
     # a broken job is skipped with a warning while the others load
-    make_job(tmp_path / "job3")
+    make_class2d_job(tmp_path / "job3")
     assert len(load_samples([tmp_path])) == 4
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no job directories"):
@@ -281,7 +242,7 @@ def test_one_epoch_of_training_lowers_the_loss(tmp_path):
     from training.module import RankerData, RankerModule
 
     for i in range(3):
-        make_job(tmp_path / f"job{i}", categories=(1, 6, 1, 6), seed=i)
+        make_class2d_job(tmp_path / f"job{i}", categories=(1, 6, 1, 6), seed=i)
     s = load_samples([tmp_path])
     L.seed_everything(0)
     module = RankerModule(lr=1e-4, weight_decay=0.0, dropout=0.0)
@@ -305,7 +266,7 @@ def test_train_and_score_from_the_command_line(tmp_path):
     """`ranker train` on a tiny corpus (2 epochs, then resumed to 3), then `ranker score` with its weights:
     RELION's outputs, and the selected particle count equals the selected classes' sizes."""
     for i, cats in enumerate(((1, 2, 6, 1), (1, 6, 6, 5), (2, 1, 1, 6))):
-        make_job(tmp_path / "corpus" / f"job{i}", categories=cats, seed=i)
+        make_class2d_job(tmp_path / "corpus" / f"job{i}", categories=cats, seed=i)
     out = tmp_path / "train"
     base = ["train", "--data", str(tmp_path / "corpus"), "--o", str(out), "--val_fraction", "0.3", "--lr", "1e-3"]
     assert ranker_main([*base, "--epochs", "2"]) == 0
@@ -313,7 +274,7 @@ def test_train_and_score_from_the_command_line(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] >= 2 and metrics["validation"]["classes"] == 4
     job = tmp_path / "Class2D" / "job007"
-    make_job(job, categories=(1, 2, 6, 1))
+    make_class2d_job(job, categories=(1, 2, 6, 1))
     sel = tmp_path / "Select" / "job008"
     assert ranker_main(["score", str(job), "--o", str(sel), "--model", str(out / "class_ranker.pt"),
                         "--project_dir", str(tmp_path), "--min_score", "-10"]) == 0
