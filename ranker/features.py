@@ -49,7 +49,7 @@ class ClassMetadata:
 
 
 def feature_image(image: np.ndarray, pixel_size: float) -> tuple[np.ndarray, float]:
-    """The class average Fourier-resampled to ~4 Å/px (an even box), and its exact pixel size."""
+    """Class averages (..., B, B) Fourier-resampled to ~4 Å/px (an even box), and the exact pixel size."""
     box = image.shape[-1]
     n = round(box * pixel_size / FEATURE_PIXEL)
     n -= n % 2
@@ -71,7 +71,7 @@ def lowpass(image: np.ndarray, pixel_size: float, resolution: float = LOWPASS, e
     cut = n * pixel_size / resolution
     lo, hi = cut - edge / 2, cut + edge / 2
     w = np.where(shell <= lo, 1.0, np.where(shell >= hi, 0.0, 0.5 + 0.5 * np.cos(np.pi * (shell - lo) / edge)))
-    return np.fft.ifft2(np.fft.fft2(image) * w).real
+    return np.fft.ifft2(np.fft.fft2(image, axes=(-2, -1)) * w, axes=(-2, -1)).real
 
 
 def protein_mask(filtered: np.ndarray, radius: float) -> tuple[np.ndarray, int]:
@@ -108,24 +108,42 @@ def moments(values: np.ndarray) -> tuple[float, float, float, float]:
     return float(mu), std, skew, x.size * float((d ** 4).sum()) / m2 ** 2
 
 
-def granulometry(image: np.ndarray, radii: range = range(1, 7)) -> np.ndarray:
-    """Sums of grey openings (erosion then dilation) with discs of each radius; off-image pixels ignored."""
-    big = float(np.abs(image).max()) * 10 + 1.0
+def granulometry(images: np.ndarray, radii: range = range(1, 7)) -> np.ndarray:
+    """Sums of grey openings (erosion then dilation) with discs of each radius; off-image pixels ignored.
+
+    ``images`` (..., n, n) -> (..., len(radii)); a stack is opened image by image in one call per radius.
+    """
+    images = np.asarray(images, np.float64)
+    lead = images.shape[:-2]
+    stack = images.reshape(-1, *images.shape[-2:])
+    big = float(np.abs(stack).max()) * 10 + 1.0
     out = []
     for k in radii:
         c = np.arange(-k, k + 1)
-        disc = c[:, None] ** 2 + c[None, :] ** 2 <= k * k
-        eroded = ndimage.grey_erosion(image, footprint=disc, mode="constant", cval=big)
-        out.append(float(ndimage.grey_dilation(eroded, footprint=disc, mode="constant", cval=-big).sum()))
-    return np.array(out)
+        disc = (c[:, None] ** 2 + c[None, :] ** 2 <= k * k)[None]
+        eroded = ndimage.grey_erosion(stack, footprint=disc, mode="constant", cval=big)
+        out.append(ndimage.grey_dilation(eroded, footprint=disc, mode="constant", cval=-big).sum(axis=(-2, -1)))
+    return np.stack(out, -1).reshape(*lead, len(radii))
 
 
 def image_features(image: np.ndarray, pixel_size: float, diameter: float) -> np.ndarray:
     """Slots 4-23 (raw) from one class average at ``pixel_size`` with mask ``diameter`` (Å)."""
-    img, _ = feature_image(image, pixel_size)
-    n = img.shape[-1]
+    return image_features_batch(np.asarray(image)[None], pixel_size, diameter)[0]
+
+
+def image_features_batch(images: np.ndarray, pixel_size: float, diameter: float) -> np.ndarray:
+    """Slots 4-23 (raw) of class averages (K, B, B): resampling, filtering and openings batched."""
+    imgs, _ = feature_image(images, pixel_size)
+    n = imgs.shape[-1]
     radius = min(diameter / (2 * FEATURE_PIXEL), n / 2)
-    filtered = lowpass(img, FEATURE_PIXEL)
+    filtered = lowpass(imgs, FEATURE_PIXEL)
+    granulo = granulometry(imgs) if n >= 15 else np.zeros((len(imgs), 6))
+    return np.stack([_one_image(img, f, g, radius) for img, f, g in zip(imgs, filtered, granulo)]) \
+        if len(imgs) else np.zeros((0, N_FEATURES - 4))
+
+
+def _one_image(img: np.ndarray, filtered: np.ndarray, granulo: np.ndarray, radius: float) -> np.ndarray:
+    n = img.shape[-1]
     protein, scattered = protein_mask(filtered, radius)
     r = radius_grid(n)
     solvent = (r <= radius) & ~protein
@@ -141,7 +159,7 @@ def image_features(image: np.ndarray, pixel_size: float, diameter: float) -> np.
     v[:7] = [ring_mean, ring_std, protein_std, solvent_mean, solvent_std, scattered / (scattered + area_p + 1),
              float(protein[edge].mean()) if edge.any() else 0.0]
     v[7:11] = [filtered.mean(), filtered.std(), filtered.min(), filtered.max()]
-    v[11:17] = granulometry(img) if n >= 15 else 0.0
+    v[11:17] = granulo
     v[17:] = [protein_sum, solvent_sum, protein_sum - solvent_mean * area_p]
     return v
 
@@ -156,8 +174,10 @@ def metadata_features(meta: ClassMetadata, box: int, pixel_size: float) -> np.nd
 def raw_features(images: np.ndarray, metadata: list[ClassMetadata], pixel_size: float, diameter: float) -> np.ndarray:
     """(K, 24) raw features of a job's retained classes."""
     box = images.shape[-1]
-    return np.stack([np.concatenate([metadata_features(m, box, pixel_size), image_features(im, pixel_size, diameter)])
-                     for im, m in zip(images, metadata)]) if len(images) else np.zeros((0, N_FEATURES))
+    if not len(images):
+        return np.zeros((0, N_FEATURES))
+    meta = np.stack([metadata_features(m, box, pixel_size) for m in metadata])
+    return np.concatenate([meta, image_features_batch(images, pixel_size, diameter)], axis=1)
 
 
 def normalise_features(raw: np.ndarray) -> np.ndarray:

@@ -36,12 +36,11 @@ def job_inputs(job: ClassJob) -> JobInputs:
 def image_only_inputs(images: np.ndarray, pixel_size: float, diameter: float) -> JobInputs:
     """Inputs from class images alone (no job metadata): every class is scored, and the four metadata
     features (accuracies, resolutions) are set to their normalised mean, 0, so they favour no class."""
-    from .features import FEATURE_MEAN, image_features
+    from .features import FEATURE_MEAN, image_features_batch
 
     k = len(images)
     raw = np.zeros((k, 24))
     raw[:, :4] = FEATURE_MEAN[:4]
-    for i, im in enumerate(images):
-        raw[i, 4:] = image_features(im, pixel_size, diameter)
+    raw[:, 4:] = image_features_batch(images, pixel_size, diameter)
     return JobInputs(np.arange(k), network_images(images, diameter, pixel_size), normalise_features(raw), raw,
                      np.zeros(k))

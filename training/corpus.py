@@ -28,7 +28,7 @@ from reconstruct.files import read_particles, read_star, write_star
 from reconstruct.progress import progress
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 
-from .targets import class_categories, simulated_job_score
+from .targets import category_of, class_categories, simulated_job_score
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,17 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     return dest
 
 
+def recategorise(job_dir: Path) -> pd.DataFrame:
+    """Re-derive a job's categories from its stored truth make-up (class_truth.csv) with the current rule,
+    and rewrite backup_selection.star; used when the rule changes after jobs were made."""
+    cats = pd.read_csv(job_dir / "class_truth.csv")
+    cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.spread)
+                        for r in cats.itertuples()]
+    cats.to_csv(job_dir / "class_truth.csv", index=False)
+    write_star(job_dir / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})
+    return cats
+
+
 def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0) -> pd.DataFrame:
     """Make ``n_jobs`` training jobs over the training proteins and ``n_held_out`` of the held-out one.
 
@@ -151,6 +162,8 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0) -> pd.D
     for job in progress(order, len(order), desc="corpus jobs", unit="job"):
         if not (out / job.name / "job.json").exists():
             make_job(job, out, out / ".work")
+        else:
+            recategorise(out / job.name)
     index = pd.DataFrame([asdict(j) for j in plan + held])
     index["held_out"] = index.protein == HELD_OUT
     index.to_csv(out / "corpus.csv", index=False)

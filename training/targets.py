@@ -54,24 +54,34 @@ def view_spread(rot: np.ndarray, tilt: np.ndarray) -> float:
     return float(np.median(np.degrees(np.arccos(np.clip(z @ (mean / norm), -1, 1)))))
 
 
-def ideal_spread(n_classes: int) -> float:
-    """Median view spread (degrees) of a class when K classes tile the sphere of views perfectly."""
-    return float(np.degrees(np.arccos(1.0 - 1.0 / max(n_classes, 1))))
+MAX_SPREAD = 60.0  # degrees: classes of good particles whose views spread more are blurred averages
+
+
+def category_of(good: float, neighbour: float, junk: float, spread: float, max_spread: float = MAX_SPREAD) -> int:
+    """The category a class earns from its truth make-up (fractions of good, neighbour and junk particles)
+    and the median spread of its particles' views."""
+    if junk >= 0.5:
+        return JUNK
+    if neighbour >= 1 / 3:
+        return NEIGHBOURS
+    if good >= 0.85:
+        return BEST if spread <= max_spread else BLURRED
+    if good >= 0.7 and spread <= max_spread:
+        return GOOD
+    return MIXED
 
 
 def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
-                     max_spread: float | None = None) -> pd.DataFrame:
+                     max_spread: float = MAX_SPREAD) -> pd.DataFrame:
     """Per class (1..K), the truth make-up of its particles and the category it earns.
 
     ``classes`` holds each particle's rlnClassNumber; ``truth`` is the simulator's particles_truth.csv
     (columns category: good / neighbour / a junk kind, rlnAngleRot, rlnAngleTilt) in the same order.
     A class is junk if half its particles are junk, neighbour-contaminated if a third have a neighbour's
     density at their edge, best if >= 85% are clean good particles from one region of views (median spread
-    below ``max_spread`` degrees; default 1.5x what K classes tiling the sphere would have, at least 25),
+    of their viewing directions at most ``max_spread`` degrees; views of all directions spread ~80-90),
     blurred if they are good but of many views, mostly good at >= 70%, else mixed.
     """
-    if max_spread is None:
-        max_spread = max(25.0, 1.5 * ideal_spread(n_classes))
     kind = truth["category"].to_numpy()
     rows = []
     for k in range(1, n_classes + 1):
@@ -86,16 +96,7 @@ def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
         junk = 1.0 - good - nb
         g = sel & np.isin(kind, ("good", "neighbour"))
         spread = view_spread(truth.rlnAngleRot.to_numpy()[g], truth.rlnAngleTilt.to_numpy()[g])
-        if junk >= 0.5:
-            cat = JUNK
-        elif nb >= 1 / 3:
-            cat = NEIGHBOURS
-        elif good >= 0.85:
-            cat = BEST if spread <= max_spread else BLURRED
-        elif good >= 0.7 and spread <= max_spread:
-            cat = GOOD
-        else:
-            cat = MIXED
+        cat = category_of(good, nb, junk, spread, max_spread)
         rows.append({"class": k, "n": n, "good": good, "neighbour": nb, "junk": junk, "spread": spread,
                      "category": cat})
     return pd.DataFrame(rows)

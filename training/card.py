@@ -1,0 +1,109 @@
+"""Publish a trained ranker: copy its weights into ``models/`` with a model card (JSON and Markdown).
+
+The JSON card is what ``ranker score`` checks the shipped file against (SHA-256) and where it takes the
+default selection threshold from; the Markdown card is for people: data, metrics, version, how to
+reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ranker.network import sha256
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    return (f"| {name} | {m['jobs']} | {m['classes']} | {m['mse']:.4f} | {m['spearman']:.3f} | {m['auc_good']:.3f} "
+            f"| {m['particle_fpr']:.3f} | {m['particle_fnr']:.3f} |")
+
+
+def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path | None = None,
+            name: str = "class_ranker_v1") -> dict[str, Any]:
+    """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    weights = out_dir / f"{name}.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "class_ranker.pt", weights)
+    digest = sha256(weights)
+    card: dict[str, Any] = {
+        "name": name, "version": "autoproc-ranker-1.0", "sha256": digest, "file": weights.name,
+        "architecture": "RELION-5 class ranker v1.0 layout (CNN 64x64 + 24 features, 589,003 parameters)",
+        "default_threshold": metrics["default_threshold"],
+        "metrics": {"validation": metrics["validation"], "test_held_out_protein": metrics["test"]},
+        "training": {k: metrics["options"][k] for k in ("epochs", "lr", "weight_decay", "batch_size", "seed",
+                                                        "held_out", "val_fraction")}
+        | {"epochs_run": metrics["epochs"], "train_classes": metrics["train_classes"],
+           "train_seconds": round(metrics["train_seconds"], 1)},
+        "zero_granulometry": True,
+    }
+    if ablation is not None:
+        card["metrics"]["features_zeroed"] = json.loads((ablation / "metrics.json").read_text())["test"]
+    data_lines = []
+    if corpus is not None and (corpus / "corpus.csv").exists():
+        index = pd.read_csv(corpus / "corpus.csv")
+        done = index[[(corpus / n / "job.json").exists() for n in index.name]]
+        card["data"] = {"jobs": len(done), "proteins": sorted(done.protein.unique()),
+                        "snr": [float(done.snr.min()), float(done.snr.max())],
+                        "junk_fraction": [float(done.junk_fraction.min()), float(done.junk_fraction.max())],
+                        "box": sorted(int(b) for b in done.box.unique()),
+                        "pixel_size": [float(done.pixel_size.min()), float(done.pixel_size.max())]}
+        d = card["data"]
+        data_lines = [f"- {d['jobs']} simulated Class2D jobs (our VDAM, 8-16 classes, 600-1300 particles each) of "
+                      f"{', '.join(d['proteins'])}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
+                      f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
+                      f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
+                      "defocus 0.5-3.5 µm."]
+    (out_dir / f"{name}.json").write_text(json.dumps(card, indent=1, default=float))
+    m = card["metrics"]
+    held = metrics["options"].get("held_out")
+    md = [f"# Model card: {name} ({card['version']})", "",
+          f"- File: `{weights.name}`, SHA-256 `{digest}`", f"- Architecture: {card['architecture']}; output linear, "
+          "trained towards RELION's targets in [0, 1]; granulometry features (slots 15-20) zeroed in training and "
+          "scoring.", f"- Default selection threshold (`ranker score --min_score`): {card['default_threshold']:.3f}, "
+          "chosen on the validation jobs to balance particle false positives and false negatives against "
+          "truth-good classes.", "", "## Training data", *data_lines,
+          "- Targets as RELION's training script: job score J (from the SNR and junk fraction) x category (from "
+          "the truth: pure good views, mostly good, mixed, blurred = good particles of many views, "
+          "neighbour-contaminated, junk) x resolution relative to the job's best; see `training/targets.py`.",
+          f"- Validation: {m['validation']['jobs']} jobs split off by job (scikit-learn GroupShuffleSplit); test: "
+          f"all {m['test_held_out_protein']['jobs']} jobs of `{held}`, a protein never seen in training.", "",
+          "## Metrics", "",
+          "| set | jobs | classes | MSE | Spearman | AUC good vs rest | particle FPR | particle FNR |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|", _row("validation", m["validation"]),
+          _row(f"test (held-out protein {held})", m["test_held_out_protein"])]
+    if "features_zeroed" in m:
+        md.append(_row("test, model trained with features zeroed", m["features_zeroed"]))
+    t = card["training"]
+    md += ["", "## Reproduce", "", "```bash",
+           "ranker make-corpus --o corpus --n_jobs 100 --n_held_out 12",
+           f"ranker train --data corpus --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
+           f"--seed {t['seed']}",
+           f"ranker train --data corpus --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
+           f"--seed {t['seed']} --no_features",
+           "python -m training.card --run run --ablation run_nofeat --corpus corpus --o models", "```", ""]
+    (out_dir / f"{name}.md").write_text("\n".join(md))
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.card --run DIR --o models``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--run", required=True, help="output directory of `ranker train`")
+    ap.add_argument("--ablation", default=None, help="output of the same training with --no_features")
+    ap.add_argument("--corpus", default=None, help="the corpus it was trained on (for the card's data section)")
+    ap.add_argument("--o", default=str(Path(__file__).resolve().parents[1] / "models"), help="models directory")
+    a = ap.parse_args(argv)
+    card = publish(Path(a.run), Path(a.o), Path(a.ablation) if a.ablation else None,
+                   Path(a.corpus) if a.corpus else None)
+    print(json.dumps(card["metrics"], indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
