@@ -212,6 +212,28 @@ def _cmd_align_maps(a: argparse.Namespace) -> None:
         plot_fsc({f"{Path(a.moving).name} aligned vs {Path(a.reference).name}": res.fsc}, box, px, a.plot)
 
 
+def _cmd_align_symmetry(a: argparse.Namespace) -> None:
+    from .files.mrc import read_map, write_map
+    from .geometry import matrix_to_euler
+    from .symmetry import symmetrise_map
+    from .symmetry_align import align_symmetry
+
+    vol, px = read_map(a.i)
+    px = a.angpix if a.angpix > 0 else px
+    if px <= 0:
+        raise InputError(a.i, "the header has no pixel size", "pass --angpix")
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise InputError(a.i, f"is not a cubic 3D map (shape {vol.shape})")
+    res = align_symmetry(vol, px, a.sym, diameter=a.particle_diameter)
+    rot, tilt, psi = (float(v) for v in matrix_to_euler(res.rotation))
+    out = symmetrise_map(res.aligned, a.sym) if a.symmetrise else res.aligned
+    write_map(a.o, out, px)
+    print(f"{a.sym} axes found: centred by ({res.shift[0]:.2f}, {res.shift[1]:.2f}, {res.shift[2]:.2f}) Å, then "
+          f"rotated by (rot, tilt, psi) = ({rot:.2f}, {tilt:.2f}, {psi:.2f})°; CC with its {a.sym}-symmetrised "
+          f"self {res.score:.4f}" + (" (low: is the map really this symmetric?)" if res.score < 0.8 else ""))
+    print(f"wrote {a.o}" + (f" (symmetrised in {a.sym})" if a.symmetrise else ""))
+
+
 def _cmd_mask(a: argparse.Namespace) -> None:
     from .files.mrc import read_map, write_map
     from .masks import soft_sphere, threshold_mask
@@ -453,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no_mirror", action="store_true", help="do not try the other hand")
     s.add_argument("--plot", default=None, help="write the FSC curve after alignment to this PNG file")
     s.set_defaults(func=_cmd_align_maps)
+
+    s = sub.add_parser("align-symmetry", formatter_class=HELP_FORMAT,
+                       help="find a point group's axes in a C1 map and rotate it into RELION's frame",
+                       description="Centre the map on its centre of mass, search the rotation that makes it agree "
+                                   "best with itself under the group's operators (RELION's convention: Cn/Dn main "
+                                   "axis along z, Dn 2-fold along x, ...), refine it locally, and write the map in "
+                                   "that frame, ready for refinement with --sym. Prints the motion and how "
+                                   "symmetric the map is (CC with its symmetrised self).")
+    s.add_argument("--i", required=True, help="input map (e.g. an initial model made in C1)")
+    s.add_argument("--sym", required=True, help="point group (C2, C4, D2, D7, T, O, I, ...)")
+    s.add_argument("--o", required=True, help="output map in the group's frame")
+    s.add_argument("--angpix", type=float, default=-1.0, help="pixel size in Å (-1: from the header)")
+    s.add_argument("--particle_diameter", type=float, default=None,
+                   help="diameter (Å) of the region compared (default: 90%% of the box)")
+    s.add_argument("--symmetrise", action="store_true", help="also average the output over the group")
+    s.set_defaults(func=_cmd_align_symmetry)
 
     s = sub.add_parser("mask", formatter_class=HELP_FORMAT, help="make a soft mask (like relion_mask_create)",
                        description="A soft mask from a density threshold (binarise, extend, cosine edge) or a sphere.")
