@@ -131,16 +131,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             payload = _stack(args.classes, args.box, Path(tmp) / "classes.mrcs")
         httpx.post(f"{url}/v1/score", files={"stack": ("c.mrcs", payload)}, timeout=120)  # warm-up
-        rss_before = _rss_mb(server.pid)
+        rss = [_rss_mb(server.pid)]
         load = load_test(url, payload, args.clients, args.seconds)
-        rss_after = _rss_mb(server.pid)
+        rss.append(_rss_mb(server.pid))
+        again = load_test(url, payload, args.clients, args.seconds)  # a second round: a leak would keep growing
+        rss.append(_rss_mb(server.pid))
         fz = fuzz(url, args.fuzz_examples, args.fuzz_seconds)
-        rss_fuzz = _rss_mb(server.pid)
+        rss.append(_rss_mb(server.pid))
         alive = httpx.get(f"{url}/v1/health", timeout=5).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result = {"load": load, "rss_mb": [rss_before, rss_after, rss_fuzz], "fuzz": fz, "alive_after": alive,
+    result = {"load": load, "load_again": again, "rss_mb": rss, "fuzz": fz, "alive_after": alive,
               "args": vars(args), "cores": os.cpu_count()}
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "service.json").write_text(json.dumps(result, indent=1))
@@ -149,14 +151,17 @@ def main() -> None:
 
 def write_table(r: dict) -> None:
     """benchmarks/results/service.md."""
-    a, ld = r["args"], r["load"]
+    a = r["args"]
     lines = [f"# Ranker HTTP service on loopback ({r['cores']} cores, one uvicorn process, shipped model)", "",
              f"Load: {a['clients']} concurrent clients posting {a['classes']}-class {a['box']}x{a['box']} stacks "
              f"back to back for {a['seconds']:.0f} s (image-only features).", "",
-             "| requests | errors | requests/s | classes/s | p50 latency (s) | p99 latency (s) | server RSS "
-             "before / after load / after fuzz (MB) |", "|---:|---:|---:|---:|---:|---:|---|",
-             f"| {ld['requests']} | {ld['errors']} | {ld['rps']:.2f} | {ld['rps'] * a['classes']:.0f} "
-             f"| {ld['p50_s']:.2f} | {ld['p99_s']:.2f} | " + " / ".join(f"{v:.0f}" for v in r["rss_mb"]) + " |", ""]
+             "| round | requests | errors | requests/s | classes/s | p50 latency (s) | p99 latency (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, ld in (("1", r["load"]), ("2 (same again)", r["load_again"])):
+        lines.append(f"| {name} | {ld['requests']} | {ld['errors']} | {ld['rps']:.2f} | {ld['rps'] * a['classes']:.0f} "
+                     f"| {ld['p50_s']:.2f} | {ld['p99_s']:.2f} |")
+    lines += ["", "Server memory (RSS, MB) at start / after round 1 / after round 2 / after the fuzz run: "
+              + " / ".join(f"{v:.0f}" for v in r["rss_mb"]), ""]
     fz = r["fuzz"]
     if "skipped" in fz:
         lines.append(f"Fuzz: skipped ({fz['skipped']}).")

@@ -110,6 +110,7 @@ def load_network(path: str | Path) -> tuple[ClassRankerNet, dict[str, Any]]:
                          "use a checkpoint of this architecture: ours (models/) or RELION-5's v1.0")
     net.load_state_dict(ckpt["model_state_dict"])
     net.eval()
+    torch.set_flush_denormal(True)  # subnormal weights would slow CPU inference many times over
     return net, ckpt
 
 

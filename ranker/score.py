@@ -93,10 +93,9 @@ def write_rank_outputs(job: ClassJob, scores: np.ndarray, selection: Selection, 
     model_path = out / f"{fn_root}_model.star"
     write_star(model_path, {"model_classes": classes[[c for c in cols if c in classes.columns]]})
     data = job.data.data
-    class_no = data.rlnClassNumber.to_numpy(int)
-    keep_rows = selection.selected[np.clip(class_no - 1, 0, len(scores) - 1)] & (class_no >= 1) & \
-        (class_no <= len(scores))
-    order = np.argsort(-scores[np.clip(class_no - 1, 0, len(scores) - 1)], kind="stable")
+    class_no = data.rlnClassNumber.to_numpy(int) - 1  # validated to lie in 1..K when the job was read
+    keep_rows = selection.selected[class_no]
+    order = np.argsort(-scores[class_no], kind="stable")
     sorted_index = np.empty(len(data), int)
     sorted_index[order] = np.arange(len(data))
     data_path = out / f"{fn_root}_data.star"

@@ -28,7 +28,7 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
     metrics = json.loads((run / "metrics.json").read_text())
     weights = out_dir / f"{name}.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "class_ranker.pt", weights)
+    shutil.copyfile(run / "class_ranker.pt", weights)
     digest = sha256(weights)
     card: dict[str, Any] = {
         "name": name, "version": "autoproc-ranker-1.0", "sha256": digest, "file": weights.name,
@@ -36,7 +36,7 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
         "default_threshold": metrics["default_threshold"],
         "metrics": {"validation": metrics["validation"], "test_held_out_protein": metrics["test"]},
         "training": {k: metrics["options"][k] for k in ("epochs", "lr", "weight_decay", "batch_size", "seed",
-                                                        "held_out", "val_fraction")}
+                                                        "held_out", "val_fraction", "patience")}
         | {"epochs_run": metrics["epochs"], "train_classes": metrics["train_classes"],
            "train_seconds": round(metrics["train_seconds"], 1)},
         "zero_granulometry": True,
@@ -68,8 +68,9 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
           "chosen on the validation jobs to balance particle false positives and false negatives against "
           "truth-good classes.", "", "## Training data", *data_lines,
           "- Targets as RELION's training script: job score J (from the SNR and junk fraction) x category (from "
-          "the truth: pure good views, mostly good, mixed, blurred = good particles of many views, "
-          "neighbour-contaminated, junk) x resolution relative to the job's best; see `training/targets.py`.",
+          "the truth: pure good particles whose average matches one noise-free view of the particle, mostly good, "
+          "mixed, blurred = good particles whose average matches no single view, neighbour-contaminated, junk) "
+          "x resolution relative to the job's best; see `training/targets.py`.",
           f"- Validation: {m['validation']['jobs']} jobs split off by job (scikit-learn GroupShuffleSplit); test: "
           f"all {m['test_held_out_protein']['jobs']} jobs of `{held}`, a protein never seen in training.", "",
           "## Metrics", "",
@@ -82,9 +83,9 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
     md += ["", "## Reproduce", "", "```bash",
            "ranker make-corpus --o corpus --n_jobs 100 --n_held_out 12",
            f"ranker train --data corpus --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
-           f"--seed {t['seed']}",
+           f"--patience {t['patience']} --seed {t['seed']}",
            f"ranker train --data corpus --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
-           f"--seed {t['seed']} --no_features",
+           f"--patience {t['patience']} --seed {t['seed']} --no_features",
            "python -m training.card --run run --ablation run_nofeat --corpus corpus --o models", "```", ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return card

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from reconstruct.class2d import Class2DOptions, class2d
-from reconstruct.files import read_particles, read_star, write_star
+from reconstruct.files import read_map, read_particles, read_star, write_star
 from reconstruct.progress import progress
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 
-from .targets import category_of, class_categories, simulated_job_score
+from .targets import category_of, class_categories, simulated_job_score, view_match
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     general["rlnExperimentalDataStarFile"] = "run_data.star"
     write_star(tmp / "run_optimiser.star", opt)
     classes = read_particles(res.data_star).data.rlnClassNumber.to_numpy()
-    cats = class_categories(classes, truth.table, job.n_classes)
+    match = view_match(read_map(res.classes)[0], vol, job.pixel_size, job.diameter)
+    cats = class_categories(classes, truth.table, job.n_classes, match)
     write_star(tmp / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})
     cats.to_csv(tmp / "class_truth.csv", index=False)
     (tmp / "job_score.txt").write_text(f"{job.job_score:.4f}\n")
@@ -138,9 +139,15 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
 
 def recategorise(job_dir: Path) -> pd.DataFrame:
     """Re-derive a job's categories from its stored truth make-up (class_truth.csv) with the current rule,
-    and rewrite backup_selection.star; used when the rule changes after jobs were made."""
+    and rewrite backup_selection.star; used when the rule changes after jobs were made. The view match
+    is computed (from the job's protein, box and pixel size) when the file lacks it."""
     cats = pd.read_csv(job_dir / "class_truth.csv")
-    cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.spread)
+    if "view_match" not in cats.columns:
+        job = json.loads((job_dir / "job.json").read_text())
+        vol = atomic_model_map(models_dir() / PROTEINS[job["protein"]][0], job["box"], job["pixel_size"])
+        cats["view_match"] = view_match(read_map(job_dir / "run_classes.mrcs")[0], vol, job["pixel_size"],
+                                        job["diameter"])
+    cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.view_match)
                         for r in cats.itertuples()]
     cats.to_csv(job_dir / "class_truth.csv", index=False)
     write_star(job_dir / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})

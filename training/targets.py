@@ -54,34 +54,36 @@ def view_spread(rot: np.ndarray, tilt: np.ndarray) -> float:
     return float(np.median(np.degrees(np.arccos(np.clip(z @ (mean / norm), -1, 1)))))
 
 
-MAX_SPREAD = 60.0  # degrees: classes of good particles whose views spread more are blurred averages
+MIN_VIEW_MATCH = 0.955  # a class average this close to one noise-free view (at 15 Å) is sharp
 
 
-def category_of(good: float, neighbour: float, junk: float, spread: float, max_spread: float = MAX_SPREAD) -> int:
+def category_of(good: float, neighbour: float, junk: float, match: float, min_match: float = MIN_VIEW_MATCH) -> int:
     """The category a class earns from its truth make-up (fractions of good, neighbour and junk particles)
-    and the median spread of its particles' views."""
+    and how well its average matches a single noise-free view of the truth (:func:`view_match`)."""
     if junk >= 0.5:
         return JUNK
     if neighbour >= 1 / 3:
         return NEIGHBOURS
     if good >= 0.85:
-        return BEST if spread <= max_spread else BLURRED
-    if good >= 0.7 and spread <= max_spread:
+        return BEST if match >= min_match else BLURRED
+    if good >= 0.7 and match >= min_match:
         return GOOD
     return MIXED
 
 
 def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
-                     max_spread: float = MAX_SPREAD) -> pd.DataFrame:
+                     match: np.ndarray | None = None) -> pd.DataFrame:
     """Per class (1..K), the truth make-up of its particles and the category it earns.
 
     ``classes`` holds each particle's rlnClassNumber; ``truth`` is the simulator's particles_truth.csv
-    (columns category: good / neighbour / a junk kind, rlnAngleRot, rlnAngleTilt) in the same order.
-    A class is junk if half its particles are junk, neighbour-contaminated if a third have a neighbour's
-    density at their edge, best if >= 85% are clean good particles from one region of views (median spread
-    of their viewing directions at most ``max_spread`` degrees; views of all directions spread ~80-90),
-    blurred if they are good but of many views, mostly good at >= 70%, else mixed.
+    (columns category: good / neighbour / a junk kind, rlnAngleRot, rlnAngleTilt) in the same order;
+    ``match`` is each class average's :func:`view_match` (default: all sharp). A class is junk if half
+    its particles are junk, neighbour-contaminated if a third have a neighbour's density at their edge,
+    best if >= 85% are clean good particles and its average looks like one view of the particle,
+    blurred if they are good but the average matches no single view, mostly good at >= 70% (and sharp),
+    else mixed. The median spread of the particles' viewing directions is recorded too.
     """
+    match = np.ones(n_classes) if match is None else np.asarray(match, float)
     kind = truth["category"].to_numpy()
     rows = []
     for k in range(1, n_classes + 1):
@@ -89,16 +91,16 @@ def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
         n = int(sel.sum())
         if n == 0:
             rows.append({"class": k, "n": 0, "good": 0.0, "neighbour": 0.0, "junk": 0.0, "spread": 0.0,
-                         "category": 0})
+                         "view_match": float(match[k - 1]), "category": 0})
             continue
         good = float(np.mean(kind[sel] == "good"))
         nb = float(np.mean(kind[sel] == "neighbour"))
         junk = 1.0 - good - nb
         g = sel & np.isin(kind, ("good", "neighbour"))
         spread = view_spread(truth.rlnAngleRot.to_numpy()[g], truth.rlnAngleTilt.to_numpy()[g])
-        cat = category_of(good, nb, junk, spread, max_spread)
+        cat = category_of(good, nb, junk, float(match[k - 1]))
         rows.append({"class": k, "n": n, "good": good, "neighbour": nb, "junk": junk, "spread": spread,
-                     "category": cat})
+                     "view_match": float(match[k - 1]), "category": cat})
     return pd.DataFrame(rows)
 
 
@@ -110,3 +112,38 @@ def simulated_job_score(snr: float, junk_fraction: float) -> float:
     """
     t = np.clip(np.log(snr / 0.02) / np.log(0.3 / 0.02), 0.0, 1.0)
     return float((0.35 + 0.65 * t) * (1.0 - 0.5 * junk_fraction))
+
+
+def view_match(classes: np.ndarray, truth_map: np.ndarray, pixel_size: float, diameter: float,
+               resolution: float = 15.0, max_shift: int = 3) -> np.ndarray:
+    """Per class average, its best normalised correlation with any noise-free projection of the truth.
+
+    Projections on a ~15° grid of all rotations (HEALPix order 2 x in-plane) and the class averages are
+    low-passed to ``resolution`` Å, masked to ``diameter`` and normalised; each pair is compared at
+    every shift up to ``max_shift`` px. A class of good particles that matches no single view well is
+    an average of many views: blurred, as a person would see it.
+    """
+    from reconstruct.fourier import centred_ifft, lowpass_filter
+    from reconstruct.masks import soft_sphere
+    from reconstruct.projector import Projector
+    from reconstruct.sampling import orientations
+
+    box = truth_map.shape[0]
+    rots, _ = orientations(2)
+    proj = centred_ifft(Projector(np.asarray(truth_map, np.float32)).project(rots), (box, box))
+    mask = soft_sphere((box, box), diameter / (2 * pixel_size), edge=3)
+
+    def prepare(images: np.ndarray) -> np.ndarray:
+        x = lowpass_filter(np.asarray(images, np.float32), pixel_size, resolution, ndim=2) * mask
+        x = x - x.sum(axis=(1, 2), keepdims=True) / mask.sum()
+        x = x * mask
+        return x / np.maximum(np.linalg.norm(x.reshape(len(x), -1), axis=1), 1e-12)[:, None, None]
+
+    fp = np.fft.rfft2(prepare(proj))
+    fc = np.fft.rfft2(prepare(classes))
+    win = np.r_[0:max_shift + 1, box - max_shift:box]
+    out = np.empty(len(classes))
+    for k in range(len(classes)):
+        cc = np.fft.irfft2(fp * np.conj(fc[k]), s=(box, box))[:, win][:, :, win]
+        out[k] = float(cc.max())
+    return out
