@@ -92,7 +92,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 def _cmd_corpus(a: argparse.Namespace) -> None:
     from training.corpus import build_corpus
 
-    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed)
+    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, tuple(a.proteins))
     print(f"{len(index)} jobs in {a.o} ({int(index.held_out.sum())} held out)")
 
 
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n_jobs", type=int, default=100, help="training jobs, spread over the training proteins")
     s.add_argument("--n_held_out", type=int, default=12, help="jobs of the held-out protein (TCR-HLA, 3KPR)")
     s.add_argument("--seed", type=int, default=0, help="seed of the job parameters")
+    s.add_argument("--proteins", nargs="+", default=["cftr", "adk_open", "adk_closed", "hiv_protease"],
+                   help="training proteins; point-group assemblies that add shapes: adk_d2 adk_c3 hiv_c4")
     s.set_defaults(func=_cmd_corpus)
 
     s = sub.add_parser(

@@ -38,8 +38,8 @@ class Alignment:
     fsc: np.ndarray  # FSC of the aligned map against the reference, per shell
 
 
-def _index_transform(volume: np.ndarray, rot: np.ndarray, shift_px: np.ndarray, order: int = 1) -> np.ndarray:
-    """aligned(p) = volume(rot^T (p - shift)), p in xyz pixels about the centre n//2."""
+def transform_map(volume: np.ndarray, rot: np.ndarray, shift_px: np.ndarray, order: int = 1) -> np.ndarray:
+    """A map moved rigidly: out(p) = volume(rot^T (p - shift)), p in xyz pixels about the centre n//2."""
     n = volume.shape[0]
     c = np.full(3, n // 2, float)
     m = rot.T[::-1, ::-1]  # xyz -> zyx index order
@@ -96,7 +96,7 @@ def _refine(ref: np.ndarray, mov: np.ndarray, rot0: np.ndarray, shift0: np.ndarr
 
     def cost(x: np.ndarray) -> float:
         r, t = transform(x)
-        return -float(np.vdot(ref, _index_transform(mov, r, t)))
+        return -float(np.vdot(ref, transform_map(mov, r, t)))
 
     res = optimize.minimize(cost, np.zeros(6), method="Powell",
                             options={"xtol": 1e-2, "ftol": 1e-6, "maxfev": max_evaluations})
@@ -122,7 +122,7 @@ def align_maps(moving: np.ndarray, reference: np.ndarray, pixel_size: float, all
     hands = [(False, np.eye(3))] + ([(True, MIRROR)] if allow_mirror else [])
     found = []
     for mirrored, m in hands:
-        mov_c = _prepare(_index_transform(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, coarse,
+        mov_c = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, coarse,
                             mask_c)
         cc, shifts = _global_search(ref_c, mov_c, rots)
         for k in np.argsort(-cc)[:candidates]:
@@ -133,7 +133,7 @@ def align_maps(moving: np.ndarray, reference: np.ndarray, pixel_size: float, all
     # the best candidates refined at the coarse sampling, the winner once more at the fine one
     movs = {}
     for mirrored, m in hands:
-        movs[mirrored] = _prepare(_index_transform(moving, m, np.zeros(3)) if mirrored else moving, pixel_size,
+        movs[mirrored] = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size,
                                   coarse, np.ones_like(mask_c))
     best = None
     for _, mirrored, rot, shift in found[: 2 * candidates]:
@@ -148,11 +148,11 @@ def align_maps(moving: np.ndarray, reference: np.ndarray, pixel_size: float, all
         mask_f = soft_sphere((fine,) * 3, radius * fine / box, edge=3)
         ref_f = _prepare(reference, pixel_size, fine, mask_f)
         m = MIRROR if mirrored else np.eye(3)
-        mov_f = _prepare(_index_transform(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, fine,
+        mov_f = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, fine,
                             np.ones_like(mask_f))
         r, t, _ = _refine(ref_f, mov_f, rot @ m, shift_px * fine / box, max_evaluations=150)
         rot, shift_px = r @ m, t * box / fine
-    aligned = _index_transform(moving, rot, shift_px, order=3).astype(np.float32)
+    aligned = transform_map(moving, rot, shift_px, order=3).astype(np.float32)
     mask = soft_sphere((box,) * 3, radius, edge=3)
     a = (aligned - aligned.mean()) * mask
     b = (reference - reference.mean()) * mask

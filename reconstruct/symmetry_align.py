@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.spatial.transform import Rotation
 
-from .align_maps import _index_transform, _prepare, _rotated_batch
+from .align_maps import _prepare, _rotated_batch, transform_map
 from .masks import soft_sphere
 from .sampling import healpix_directions, orientations
 from .symmetry import symmetrise_map, symmetry_operators
@@ -70,7 +70,7 @@ def align_symmetry(volume: np.ndarray, pixel_size: float, group: str, coarse_siz
         raise ValueError(f"{group} has mirrors: a map of a protein has proper symmetry (Cn, Dn, T, O, I)")
     box = volume.shape[0]
     shift_px = _centre_of_mass_shift(volume)
-    centred = _index_transform(volume, np.eye(3), shift_px, order=3)
+    centred = transform_map(volume, np.eye(3), shift_px, order=3)
     radius = (diameter / (2 * pixel_size)) if diameter else 0.45 * box
     size = min(coarse_size, box)
     size -= size % 2
@@ -92,7 +92,7 @@ def align_symmetry(volume: np.ndarray, pixel_size: float, group: str, coarse_siz
 
     res = optimize.minimize(cost, np.zeros(3), method="Powell", options={"xtol": 1e-2, "maxfev": 300})
     rot = Rotation.from_rotvec(np.deg2rad(res.x)).as_matrix() @ r0
-    aligned = _index_transform(centred, rot, np.zeros(3), order=3).astype(np.float32)
+    aligned = transform_map(centred, rot, np.zeros(3), order=3).astype(np.float32)
     sym = symmetrise_map(aligned, group)
     mask = soft_sphere((box,) * 3, radius, edge=3)
     a, b = (aligned - aligned.mean()) * mask, (sym - sym.mean()) * mask

@@ -7,7 +7,7 @@ import pytest
 from helpers import ADK_OPEN, model_map
 from scipy.spatial.transform import Rotation
 
-from reconstruct.align_maps import MIRROR, _index_transform, align_maps
+from reconstruct.align_maps import MIRROR, align_maps, transform_map
 from reconstruct.cli import main as reconstruct_main
 from reconstruct.files import read_map, write_map
 from reconstruct.fsc import resolution_at
@@ -27,7 +27,7 @@ def test_recovers_rotation_shift_and_hand(mirror):
     m = rot @ MIRROR if mirror else rot
     shift = np.array([2.5, -1.5, 3.0])
     rng = np.random.default_rng(1)
-    moving = _index_transform(ref, m, shift, order=3) + rng.normal(0, 0.1 * ref.std(), ref.shape)
+    moving = transform_map(ref, m, shift, order=3) + rng.normal(0, 0.1 * ref.std(), ref.shape)
     res = align_maps(moving, ref, 2.0)
     assert res.mirrored == mirror
     assert _angle(res.rotation, np.linalg.inv(m)) < 2.0
@@ -40,7 +40,7 @@ def test_align_maps_command(tmp_path, capsys):
     ref = model_map(ADK_OPEN, 40, 2.0)
     rot = Rotation.from_euler("zyz", [10, 100, 50], degrees=True).as_matrix()
     write_map(tmp_path / "ref.mrc", ref, 2.0)
-    write_map(tmp_path / "mov.mrc", _index_transform(ref, rot, np.array([1.0, 0.0, -2.0]), order=3), 2.0)
+    write_map(tmp_path / "mov.mrc", transform_map(ref, rot, np.array([1.0, 0.0, -2.0]), order=3), 2.0)
     assert reconstruct_main(["align-maps", str(tmp_path / "mov.mrc"), str(tmp_path / "ref.mrc"),
                              "--o", str(tmp_path / "aligned.mrc"), "--plot", str(tmp_path / "fsc.png")]) == 0
     out = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_align_maps_command(tmp_path, capsys):
 
 def _symmetric_assembly(group: str) -> np.ndarray:
     """A point-group assembly of an off-centre adenylate kinase, in RELION's frame for ``group``."""
-    mono = _index_transform(model_map(ADK_OPEN, 40, 3.0), np.eye(3), np.array([6.0, 3.0, 1.5]), order=3)
+    mono = transform_map(model_map(ADK_OPEN, 40, 3.0), np.eye(3), np.array([6.0, 3.0, 1.5]), order=3)
     return symmetrise_map(mono, group)
 
 
@@ -66,7 +66,7 @@ def test_symmetry_alignment_recovers_a_known_rotation(group, tmp_path, capsys):
     (up to the frame's own ambiguity: the group, any turn about a Cn axis, the axis order of D2)."""
     sym_map = _symmetric_assembly(group)
     r0 = Rotation.from_euler("zyz", [30, 50, 80], degrees=True).as_matrix()
-    write_map(tmp_path / "c1.mrc", _index_transform(sym_map, r0, np.array([2.0, -1.0, 1.0]), order=3), 3.0)
+    write_map(tmp_path / "c1.mrc", transform_map(sym_map, r0, np.array([2.0, -1.0, 1.0]), order=3), 3.0)
     assert reconstruct_main(["align-symmetry", "--i", str(tmp_path / "c1.mrc"), "--sym", group,
                              "--o", str(tmp_path / "aligned.mrc")]) == 0
     assert f"{group} axes found" in capsys.readouterr().out

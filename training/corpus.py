@@ -34,14 +34,30 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "models"
 
-#: Proteins of the corpus: model file and the particle's radius in Å (99% of its density, measured).
-PROTEINS: dict[str, tuple[str, float]] = {
-    "cftr": ("6msm.pdb", 65.0),
-    "adk_open": ("4ake_adk_open.pdb", 35.0),
-    "adk_closed": ("1ake_adk_closed.pdb", 35.0),
-    "hiv_protease": ("1hvr.pdb", 30.0),
-    "tcr_hla": ("3kpr.cif.gz", 90.0),
+@dataclass(frozen=True)
+class Protein:
+    """A particle of the corpus: an atomic model, or a point-group assembly of copies of it."""
+
+    model: str  # file in the models directory
+    radius: float  # Å, holding 99% of the density (measured)
+    symmetry: str = "C1"  # assemblies: copies of the model placed by this group's operators
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Å, the copy's centre before the operators
+
+
+#: The corpus's proteins: the shared models, and assemblies of them that add shapes (more shapes is what
+#: lets the ranker carry over to a protein it never saw).
+PROTEINS: dict[str, Protein] = {
+    "cftr": Protein("6msm.pdb", 65.0),
+    "adk_open": Protein("4ake_adk_open.pdb", 35.0),
+    "adk_closed": Protein("1ake_adk_closed.pdb", 35.0),
+    "hiv_protease": Protein("1hvr.pdb", 30.0),
+    "tcr_hla": Protein("3kpr.cif.gz", 90.0),
+    "adk_d2": Protein("4ake_adk_open.pdb", 45.0, "D2", (18.0, 10.0, 6.0)),
+    "adk_c3": Protein("1ake_adk_closed.pdb", 45.0, "C3", (22.0, 0.0, 8.0)),
+    "hiv_c4": Protein("1hvr.pdb", 53.0, "C4", (30.0, 6.0, 0.0)),
 }
+#: Proteins drawn for training jobs by default (the assemblies are opt-in: --proteins).
+DEFAULT_TRAINING = ("cftr", "adk_open", "adk_closed", "hiv_protease")
 HELD_OUT = "tcr_hla"  # the protein the validation jobs come from, never seen in training
 
 
@@ -68,7 +84,7 @@ class CorpusJob:
 
 def draw_job(index: int, protein: str, rng: np.random.Generator) -> CorpusJob:
     """A random job for ``protein``: the particle fills ~55-70% of the box."""
-    _, radius = PROTEINS[protein]
+    radius = PROTEINS[protein].radius
     box = int(rng.choice([48, 64]))
     diameter = 2.3 * radius
     pixel_size = round(diameter / (box * rng.uniform(0.62, 0.8)), 2)
@@ -84,6 +100,19 @@ def draw_job(index: int, protein: str, rng: np.random.Generator) -> CorpusJob:
                      job_score=simulated_job_score(snr, junk))
 
 
+def protein_map(name: str, box: int, pixel_size: float) -> np.ndarray:
+    """The density of corpus protein ``name`` on a box^3 grid at ``pixel_size``."""
+    from reconstruct.align_maps import transform_map
+    from reconstruct.symmetry import group_order, symmetrise_map
+
+    p = PROTEINS[name]
+    vol = atomic_model_map(models_dir() / p.model, box, pixel_size)
+    if p.symmetry.upper() == "C1":
+        return vol
+    shifted = transform_map(vol, np.eye(3), np.asarray(p.offset) / pixel_size, order=3)
+    return (symmetrise_map(shifted, p.symmetry) * group_order(p.symmetry)).astype(np.float32)
+
+
 def models_dir() -> Path:
     """The atomic models: $AUTOPROC_MODELS, else ../shared/data/models next to the checkout."""
     import os
@@ -95,8 +124,7 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     """Simulate, classify and store one job in EMPIAR-10812's layout under ``out/job.name``."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    model = models_dir() / PROTEINS[job.protein][0]
-    vol = atomic_model_map(model, job.box, job.pixel_size)
+    vol = protein_map(job.protein, job.box, job.pixel_size)
     sim = ParticleSimulation(n_particles=job.n_particles, box=job.box, pixel_size=job.pixel_size, snr=job.snr,
                              particle_diameter=job.diameter, junk_fraction=job.junk_fraction,
                              neighbour_fraction=job.neighbour_fraction,
@@ -144,7 +172,7 @@ def recategorise(job_dir: Path) -> pd.DataFrame:
     cats = pd.read_csv(job_dir / "class_truth.csv")
     if "view_match" not in cats.columns:
         job = json.loads((job_dir / "job.json").read_text())
-        vol = atomic_model_map(models_dir() / PROTEINS[job["protein"]][0], job["box"], job["pixel_size"])
+        vol = protein_map(job["protein"], job["box"], job["pixel_size"])
         cats["view_match"] = view_match(read_map(job_dir / "run_classes.mrcs")[0], vol, job["pixel_size"],
                                         job["diameter"])
     cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.view_match)
@@ -154,14 +182,19 @@ def recategorise(job_dir: Path) -> pd.DataFrame:
     return cats
 
 
-def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0) -> pd.DataFrame:
-    """Make ``n_jobs`` training jobs over the training proteins and ``n_held_out`` of the held-out one.
+def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
+                 proteins: tuple[str, ...] = DEFAULT_TRAINING) -> pd.DataFrame:
+    """Make ``n_jobs`` training jobs over ``proteins`` and ``n_held_out`` of the held-out one.
 
     Jobs already in ``out`` are kept (the corpus resumes after an interruption).
     """
+    unknown = sorted(set(proteins) - set(PROTEINS))
+    if unknown or HELD_OUT in proteins:
+        allowed = sorted(set(PROTEINS) - {HELD_OUT})
+        raise ValueError(f"training proteins must be among {allowed}: got {unknown or HELD_OUT}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    train_proteins = [p for p in PROTEINS if p != HELD_OUT]
+    train_proteins = list(proteins)
     plan = [draw_job(i, train_proteins[i % len(train_proteins)], rng) for i in range(n_jobs)]
     held = [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
     order = sorted(plan + held, key=lambda j: (j.seed if j.protein != HELD_OUT else
@@ -184,9 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n_jobs", type=int, default=100, help="training jobs (default 100)")
     ap.add_argument("--n_held_out", type=int, default=12, help=f"jobs of the held-out protein {HELD_OUT} (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the job parameters (default 0)")
+    ap.add_argument("--proteins", nargs="+", default=list(DEFAULT_TRAINING),
+                    help=f"training proteins (default {' '.join(DEFAULT_TRAINING)}; also: adk_d2 adk_c3 hiv_c4)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed)
+    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, tuple(a.proteins))
 
 
 if __name__ == "__main__":
