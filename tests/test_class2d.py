@@ -193,3 +193,14 @@ def test_relion_interop(mixture, tmp_path):
     assert labels <= ours_labels, labels - ours_labels
     assert read_particles(tmp_path / "run_it001_data.star").data.rlnClassNumber.between(1, 3).all()
     assert read_map(tmp_path / "run_it001_classes.mrcs")[0].shape == (3, BOX, BOX)
+    # the class ranker scores RELION's job and selects from it
+    from ranker.cli import main as ranker_main
+
+    sel = tmp_path / "Select"
+    assert ranker_main(["score", str(tmp_path / "run_it001_optimiser.star"), "--o", str(sel), "--project_dir",
+                        str(mixture), "--min_score", "-100"]) == 0
+    ranked = read_star(sel / "rank_model.star")["model_classes"]
+    assert len(ranked) == 3 and np.isfinite(ranked.rlnClassScore).all()
+    n_sel = len(read_particles(sel / "particles.star").data)
+    sizes = read_particles(tmp_path / "run_it001_data.star").data.rlnClassNumber.value_counts()
+    assert n_sel == int(sizes[sizes > 10].sum())  # every scored class selected, none of <= 10 particles
