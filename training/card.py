@@ -22,7 +22,7 @@ def _row(name: str, m: dict[str, Any]) -> str:
             f"| {m['particle_fpr']:.3f} | {m['particle_fnr']:.3f} |")
 
 
-def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path | None = None,
+def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list[Path] | None = None,
             name: str = "class_ranker_v1") -> dict[str, Any]:
     """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card."""
     metrics = json.loads((run / "metrics.json").read_text())
@@ -44,9 +44,10 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
     if ablation is not None:
         card["metrics"]["features_zeroed"] = json.loads((ablation / "metrics.json").read_text())["test"]
     data_lines = []
-    if corpus is not None and (corpus / "corpus.csv").exists():
-        index = pd.read_csv(corpus / "corpus.csv")
-        done = index[[(corpus / n / "job.json").exists() for n in index.name]]
+    indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
+    if indexes:
+        index = pd.concat(indexes, ignore_index=True)
+        done = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
         card["data"] = {"jobs": len(done), "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],
                         "junk_fraction": [float(done.junk_fraction.min()), float(done.junk_fraction.max())],
@@ -80,13 +81,22 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: Path
     if "features_zeroed" in m:
         md.append(_row("test, model trained with features zeroed", m["features_zeroed"]))
     t = card["training"]
-    md += ["", "## Reproduce", "", "```bash",
-           "ranker make-corpus --o corpus --n_jobs 100 --n_held_out 12",
-           f"ranker train --data corpus --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
+    make = []
+    for c in corpus or []:
+        meta = json.loads((c / "corpus.json").read_text()) if (c / "corpus.json").exists() else {}
+        idx = pd.read_csv(c / "corpus.csv") if (c / "corpus.csv").exists() else pd.DataFrame({"held_out": []})
+        n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
+        n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
+        prot = meta.get("proteins")
+        make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
+                    f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else ""))
+    data = " ".join(Path(d).name for d in metrics["options"]["data"])
+    md += ["", "## Reproduce", "", "```bash", *make,
+           f"ranker train --data {data} --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
            f"--patience {t['patience']} --seed {t['seed']}",
-           f"ranker train --data corpus --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
+           f"ranker train --data {data} --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
            f"--patience {t['patience']} --seed {t['seed']} --no_features",
-           "python -m training.card --run run --ablation run_nofeat --corpus corpus --o models", "```", ""]
+           f"python -m training.card --run run --ablation run_nofeat --corpus {data} --o models", "```", ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return card
 
@@ -98,11 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", required=True, help="output directory of `ranker train`")
     ap.add_argument("--ablation", default=None, help="output of the same training with --no_features")
-    ap.add_argument("--corpus", default=None, help="the corpus it was trained on (for the card's data section)")
+    ap.add_argument("--corpus", nargs="*", default=None,
+                    help="the corpus directories it was trained on (for the card's data section)")
     ap.add_argument("--o", default=str(Path(__file__).resolve().parents[1] / "models"), help="models directory")
     a = ap.parse_args(argv)
     card = publish(Path(a.run), Path(a.o), Path(a.ablation) if a.ablation else None,
-                   Path(a.corpus) if a.corpus else None)
+                   [Path(c) for c in a.corpus] if a.corpus else None)
     print(json.dumps(card["metrics"], indent=1, default=float))
 
 

@@ -207,6 +207,8 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     index = pd.DataFrame([asdict(j) for j in plan + held])
     index["held_out"] = index.protein == HELD_OUT
     index.to_csv(out / "corpus.csv", index=False)
+    (out / "corpus.json").write_text(json.dumps({"n_jobs": n_jobs, "n_held_out": n_held_out, "seed": seed,
+                                                 "proteins": list(proteins)}))
     return index
 
 
