@@ -202,7 +202,7 @@ def create_app(cfg: ServiceConfig | None = None, model: RankerModel | None = Non
         budget = [limit]
         with tempfile.TemporaryDirectory(prefix="ranker-") as tmp:
             where = Path(tmp)
-            images, header_px = _read_stack(await _save(stack, where, budget), cfg)
+            images, header_px = await asyncio.to_thread(_read_stack, await _save(stack, where, budget), cfg)
             inputs, px, used_metadata, diameter = await asyncio.to_thread(
                 _prepare, images, header_px, pixel_size, particle_diameter,
                 await _save(model_star, where / "m", budget) if model_star is not None else None,
