@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import mean_squared_error, roc_auc_score, roc_curve
 from sklearn.model_selection import GroupShuffleSplit
@@ -49,7 +50,6 @@ class TrainOptions:
     resume: bool = False
     use_features: bool = True
     cache: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str | None
@@ -111,8 +111,6 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     from .module import RankerData, RankerModule
 
     L.seed_everything(opt.seed, workers=True)
-    import torch
-
     # Weight decay drives some weights and Adam moments into subnormal floats, which slow CPU maths
     # by orders of magnitude after ~50 epochs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
@@ -142,7 +140,7 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     metrics = {"validation": evaluate(net, val_s, threshold), "test": evaluate(net, test_s, threshold),
                "train_classes": len(train_s), "epochs": int(trainer.current_epoch), "train_seconds": seconds,
                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opt).items()
-                           if k not in ("data", "extra")} | {"data": [str(d) for d in opt.data]}}
+                           if k != "data"} | {"data": [str(d) for d in opt.data]}}
     weights = opt.out / "class_ranker.pt"
     save_checkpoint(net, weights, version=VERSION, zero_granulometry=True, default_threshold=threshold,
                     use_features=opt.use_features)
@@ -156,8 +154,6 @@ def train(opt: TrainOptions) -> dict[str, Any]:
 
 def _features_off(net: ClassRankerNet) -> ClassRankerNet:
     """A network trained with its features zeroed ignores them: make that part of its weights."""
-    import torch
-
     with torch.no_grad():
         net.classifier_images_and_features[1].weight[:, 48:] = 0.0
     return net
