@@ -127,9 +127,11 @@ def load_samples(roots: list[str | Path], cache: Path | None = None) -> Samples:
             log.warning("skipping job %s: %s", job_dir, e)
             continue
         if cached is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            np.savez(cached, images=s.images, features=s.features, targets=s.targets, categories=s.categories,
-                     sizes=s.sizes, job=s.job.astype(str), group=s.group.astype(str))
+            from reconstruct.files.atomic import atomic_path
+
+            with atomic_path(cached) as tmp, open(tmp, "wb") as f:  # several trainings may share a cache
+                np.savez(f, images=s.images, features=s.features, targets=s.targets, categories=s.categories,
+                         sizes=s.sizes, job=s.job.astype(str), group=s.group.astype(str))
         parts.append(s)
     return Samples.concat(parts)
 
