@@ -123,10 +123,11 @@ def _cmd_serve(a: argparse.Namespace) -> None:
 
 def _cmd_score_remote(a: argparse.Namespace) -> None:
     from .client import score_remote
+    from .service import read_token
 
     result = score_remote(a.url, Path(a.stack), Path(a.model_star) if a.model_star else None,
                           Path(a.data_star) if a.data_star else None, a.particle_diameter, a.pixel_size,
-                          read_token_file(a.token_file) if a.token_file else None, a.timeout)
+                          read_token(a.token_file) if a.token_file else None, a.timeout)
     if a.json:
         print(json.dumps(result, indent=1))
         return
@@ -134,13 +135,6 @@ def _cmd_score_remote(a: argparse.Namespace) -> None:
     print("class\tscore")
     for c in result["classes"]:
         print(f"{c['class']}\t{c['score']:.4f}")
-
-
-def read_token_file(path: str) -> str:
-    """The token in a file (for the client)."""
-    from .service import read_token
-
-    return read_token(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

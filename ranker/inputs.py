@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .features import normalise_features, raw_features
+from .features import FEATURE_MEAN, image_features_batch, normalise_features, raw_features
 from .job import ClassJob
 from .preprocess import network_images
 
@@ -36,8 +36,6 @@ def job_inputs(job: ClassJob) -> JobInputs:
 def image_only_inputs(images: np.ndarray, pixel_size: float, diameter: float) -> JobInputs:
     """Inputs from class images alone (no job metadata): every class is scored, and the four metadata
     features (accuracies, resolutions) are set to their normalised mean, 0, so they favour no class."""
-    from .features import FEATURE_MEAN, image_features_batch
-
     k = len(images)
     raw = np.zeros((k, 24))
     raw[:, :4] = FEATURE_MEAN[:4]

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reconstruct.files import InputError, read_map, read_particles, read_star
+from reconstruct.files import InputError, read_particles, read_star
+from reconstruct.files.stack import read_named_images
 from reconstruct.files.star import MetadataTable
 
 from .features import ClassMetadata
@@ -87,11 +88,13 @@ class ClassJob:
         return 2 * self.pixel_size
 
 
+def _candidates(name: str, project_dir: Path, here: Path, fallbacks: tuple[str, ...] = ()) -> list[Path]:
+    """Where a path named in a job's files may be: the project, next to the job's file, renamed copies."""
+    return [project_dir / name, here / Path(name).name, *(here / f for f in fallbacks)]
+
+
 def _locate(name: str, project_dir: Path, here: Path, fallbacks: tuple[str, ...] = ()) -> Path | None:
-    for c in (project_dir / name, here / Path(name).name, *(here / f for f in fallbacks)):
-        if c.exists():
-            return c
-    return None
+    return next((c for c in _candidates(name, project_dir, here, fallbacks) if c.exists()), None)
 
 
 def find_optimiser(path: str | Path) -> Path:
@@ -131,7 +134,8 @@ def read_class_job(path: str | Path, project_dir: str | Path | None = None) -> C
         located[label] = found
     model_path = located["rlnModelStarFile"]
     model = _read_model(model_path)
-    images = _class_images(model["model_classes"], model_path, project, here)
+    images = read_named_images(model["model_classes"].rlnReferenceImage, model_path,
+                               lambda file: _candidates(file, project, here, ("run_classes.mrcs", "run_class.mrcs")))
     diameter = float(general.get("rlnParticleDiameter", -1))
     return class_job_from_files(model_path, located["rlnExperimentalDataStarFile"], images, diameter, opt_path, model)
 
@@ -173,22 +177,3 @@ def class_job_from_files(model_path: Path, data_path: Path, images: np.ndarray, 
     ssnr = {int(m.group(1)): df for name, df in model.items() if (m := re.fullmatch(r"model_class_(\d+)", name))}
     return ClassJob(optimiser_path or model_path, model_path, data_path, np.asarray(images, np.float32), classes,
                     pixel_size, diameter, data, ssnr)
-
-
-def _class_images(classes: pd.DataFrame, model_path: Path, project: Path, here: Path) -> np.ndarray:
-    stacks: dict[Path, np.ndarray] = {}
-    out = []
-    for name in classes.rlnReferenceImage.astype(str):
-        idx, _, file = name.partition("@")
-        where = _locate(file, project, here, ("run_classes.mrcs", "run_class.mrcs"))
-        if where is None:
-            raise InputError(model_path, f"class average stack {file} not found",
-                             "run from the project directory or pass --project_dir")
-        if where not in stacks:
-            data = read_map(where)[0]
-            stacks[where] = data.reshape(-1, *data.shape[-2:])
-        k = int(idx) - 1
-        if not 0 <= k < len(stacks[where]):
-            raise InputError(model_path, f"{name} points past the {len(stacks[where])} images in {where}")
-        out.append(stacks[where][k])
-    return np.stack(out).astype(np.float32)

@@ -120,21 +120,17 @@ def align_maps(moving: np.ndarray, reference: np.ndarray, pixel_size: float, all
     ref_c = _prepare(reference, pixel_size, coarse, mask_c)
     rots, _ = orientations(2)
     hands = [(False, np.eye(3))] + ([(True, MIRROR)] if allow_mirror else [])
+    hand_maps = {mirrored: transform_map(moving, m, np.zeros(3)) if mirrored else moving for mirrored, m in hands}
     found = []
     for mirrored, m in hands:
-        mov_c = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, coarse,
-                            mask_c)
-        cc, shifts = _global_search(ref_c, mov_c, rots)
+        cc, shifts = _global_search(ref_c, _prepare(hand_maps[mirrored], pixel_size, coarse, mask_c), rots)
         for k in np.argsort(-cc)[:candidates]:
             found.append((cc[k], mirrored, rots[k] @ m, shifts[k] * box / coarse))
     found.sort(key=lambda f: -f[0])
     log.info("global search: best CC %.3f (%s hand) of %d rotations per hand", found[0][0],
              "other" if found[0][1] else "same", len(rots))
     # the best candidates refined at the coarse sampling, the winner once more at the fine one
-    movs = {}
-    for mirrored, m in hands:
-        movs[mirrored] = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size,
-                                  coarse, np.ones_like(mask_c))
+    movs = {h: _prepare(v, pixel_size, coarse, np.ones_like(mask_c)) for h, v in hand_maps.items()}
     best = None
     for _, mirrored, rot, shift in found[: 2 * candidates]:
         m = MIRROR if mirrored else np.eye(3)
@@ -148,8 +144,7 @@ def align_maps(moving: np.ndarray, reference: np.ndarray, pixel_size: float, all
         mask_f = soft_sphere((fine,) * 3, radius * fine / box, edge=3)
         ref_f = _prepare(reference, pixel_size, fine, mask_f)
         m = MIRROR if mirrored else np.eye(3)
-        mov_f = _prepare(transform_map(moving, m, np.zeros(3)) if mirrored else moving, pixel_size, fine,
-                            np.ones_like(mask_f))
+        mov_f = _prepare(hand_maps[mirrored], pixel_size, fine, np.ones_like(mask_f))
         r, t, _ = _refine(ref_f, mov_f, rot @ m, shift_px * fine / box, max_evaluations=150)
         rot, shift_px = r @ m, t * box / fine
     aligned = transform_map(moving, rot, shift_px, order=3).astype(np.float32)

@@ -31,7 +31,7 @@ from .backend import get_xp, to_numpy
 from .class_grids import ClassGrids
 from .files.errors import InputError
 from .files.mrc import read_map, write_stack
-from .files.stack import ImageSource
+from .files.stack import ImageSource, read_named_images
 from .files.star import read_particles, read_star, write_star
 from .fourier import centred_fft, crop_half, shift_images
 from .fsc import resolution_at
@@ -618,24 +618,11 @@ def read_class_averages(model_star: str | Path, project_dir: str | Path | None =
     general = blocks["model_general"].iloc[0]
     if int(general.get("rlnReferenceDimensionality", 2)) != 2:
         raise InputError(path, "is a 3D model (rlnReferenceDimensionality 3)", "pass a 2D classification's model")
-    stacks: dict[Path, np.ndarray] = {}
-    images = []
-    for name in classes["rlnReferenceImage"].astype(str):
-        idx, _, file = name.partition("@")
-        candidates = [Path(project_dir or Path.cwd()) / file, path.parent / Path(file).name]
-        where = next((c for c in candidates if c.exists()), None)
-        if where is None:
-            raise InputError(path, f"class image stack {file} not found (looked in {', '.join(map(str, candidates))})",
-                             "run from the project directory or pass project_dir")
-        if where not in stacks:
-            data = read_map(where)[0]
-            stacks[where] = data.reshape(-1, *data.shape[-2:])
-        k = int(idx) - 1
-        if not 0 <= k < len(stacks[where]):
-            raise InputError(path, f"{name} points past the {len(stacks[where])} images in {where}")
-        images.append(stacks[where][k])
+    project = Path(project_dir or Path.cwd())
+    images = read_named_images(classes["rlnReferenceImage"], path,
+                               lambda file: [project / file, path.parent / Path(file).name])
     px = float(general.get("rlnPixelSize", 0.0))
-    return ClassAverages(np.stack(images).astype(np.float32), classes, general, px)
+    return ClassAverages(images, classes, general, px)
 
 
 def class2d(opt: Class2DOptions) -> Class2DResult:

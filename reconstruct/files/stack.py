@@ -172,3 +172,29 @@ class ImageSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_named_images(names: Any, owner: Path, candidates: Any) -> np.ndarray:
+    """The images (K, N, N) float32 that ``N@stack`` names point to, each stack read once.
+
+    ``candidates(file)`` lists the paths to try for a named stack, in order (project directory,
+    next to ``owner``, renamed copies...); ``owner`` is the STAR file named in errors.
+    """
+    from .mrc import read_map
+
+    stacks: dict[Path, np.ndarray] = {}
+    out = []
+    for name in map(str, names):
+        k, file = parse_image_name(name)
+        tried = list(candidates(file))
+        where = next((c for c in tried if c.exists()), None)
+        if where is None:
+            raise InputError(owner, f"class average stack {file} not found (looked in {', '.join(map(str, tried))})",
+                             "run from the project directory or pass the project directory")
+        if where not in stacks:
+            data = read_map(where)[0]
+            stacks[where] = data.reshape(-1, *data.shape[-2:])
+        if not 0 <= k < len(stacks[where]):
+            raise InputError(owner, f"{name} points past the {len(stacks[where])} images in {where}")
+        out.append(stacks[where][k])
+    return np.stack(out).astype(np.float32)
