@@ -30,15 +30,16 @@ import pandas as pd
 from .backend import get_xp, to_numpy
 from .class_grids import ClassGrids
 from .files.errors import InputError
-from .files.mrc import read_map, write_stack
+from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_stack
 from .files.stack import ImageSource, read_named_images
 from .files.star import read_particles, read_star, write_star
 from .fourier import centred_fft, crop_half, shift_images
 from .fsc import resolution_at
 from .geometry import rotation_2d
-from .likelihood import fourier_mask, friedel_weights, score_poses, significant_posteriors
+from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
+from .oversampling import FineSamples, argmax_per_image, max_per_image, normalise_per_image
 from .particles import CtfSource, origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum
@@ -50,6 +51,7 @@ from .vdam import (
     class_steps,
     direction_power,
     fsc_weights,
+    shell_curve,
     shell_means,
     update_moments,
 )
@@ -188,7 +190,7 @@ class _Classifier:
         """Per class, the CTF-weighted average of its share of ``rows`` at random in-plane angles."""
         xp, g = self.xp, self.grids
         d, w = g.zeros(), g.zeros(xp.float32)
-        inv_s2 = xp.asarray(_inverse_sigma2(sigma2, self.box), dtype=xp.float32)
+        inv_s2 = xp.asarray(inverse_sigma2_curve(sigma2, self.box), dtype=xp.float32)
         for r, imgs in self.src.batches(self.opt.batch, rows):
             x = centred_fft(xp.asarray(imgs) * self.mask, 2)
             c = self.ctf(r, xp) if self.ctf else xp.ones(x.shape, xp.float32)
@@ -231,7 +233,7 @@ class _Classifier:
         xp, opt, g = self.xp, self.opt, self.grids
         size = self.current_size(st)
         mask2d = fourier_mask(size, size / 2 - 1, xp)
-        inv_s2 = xp.asarray(_inverse_sigma2(st.sigma2, size), dtype=xp.float32) * mask2d
+        inv_s2 = xp.asarray(inverse_sigma2_curve(st.sigma2, size), dtype=xp.float32) * mask2d
         proj_grid = g.transform(st.refs, gridding_correction=True)
         kc, kf = self.psi_coarse.size, self.psi_fine.size
         coarse = g.project(proj_grid, np.repeat(np.arange(self.k), kc), np.tile(rotation_2d(self.psi_coarse),
@@ -295,10 +297,10 @@ class _Classifier:
         t_abs = xp.asarray(sc, dtype=xp.float32)[sig.shift][:, None, :] + xp.asarray(self.shift_children,
                                                                                      dtype=xp.float32)[None]
         tot_f = xp.asarray(prev, dtype=xp.float32)[sig.image][:, None, :] + t_abs  # (E, 4, 2) absolute
-        fs = _FineSet(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp)
+        fs = FineSamples(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp)
         scores = fs.scores(sig.image, sig.shift, fine_idx)
         lf = scores + log_pi[cls_e][:, None, None] - ((tot_f**2).sum(-1) / s2)[:, None, :]
-        pw, top, norm = _normalise_per_image(xp, sig.image, lf.reshape(-1, 8), rows.size)
+        pw, top, norm = normalise_per_image(xp, sig.image, lf.reshape(-1, 8), rows.size)
         best = self._record(rows, sig, pw, fine_idx, tot_f, cls_e, acc)
         self.loglik[rows] = to_numpy(top + xp.log(norm)) - to_numpy(((xp.abs(fs.xm) ** 2) * fs.wm).sum(axis=1))
         # Noise: residual power of each image at its best pose, per shell.
@@ -317,7 +319,7 @@ class _Classifier:
         b, kf = rows.size, self.psi_fine.size
         img = sig.image
         e = int(img.shape[0])
-        best_e, best_s = _argmax_per_image(xp, img, pw, b)
+        best_e, best_s = argmax_per_image(xp, img, pw, b)
         j, s_idx = best_s // 4, best_s % 4
         best_cls = to_numpy(cls_e[best_e])
         new_psi = self.psi_fine[to_numpy(fine_idx[best_e, j]) % kf]
@@ -333,7 +335,7 @@ class _Classifier:
         np.add.at(acc["spread_n"], best_cls, 1)
         acc["changed"] += int((self.cls[rows] != best_cls).sum())
         self.cls[rows], self.psi[rows], self.offsets[rows] = best_cls, new_psi, new_off
-        self.pmax[rows] = to_numpy(_max_per_image(xp, img, pw, b))
+        self.pmax[rows] = to_numpy(max_per_image(xp, img, pw, b))
         self.nsig[rows] = to_numpy(sig.n_significant)
         np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
         acc["offset2"] += float((new_off**2).sum())
@@ -435,7 +437,7 @@ class _Classifier:
         if not self.em:
             core = (slice(None),) + self.grids.core
             m = to_numpy(st.mom.m[(slice(None),) + core]).reshape(2 * self.k, *self.grids.core_shape)
-            write_stack(f"{root}_1moment.mrcs", _interleave(np.fft.ifftshift(m, axes=1)), self.px)
+            write_stack(f"{root}_1moment.mrcs", interleave_complex(np.fft.ifftshift(m, axes=1)), self.px)
             u = to_numpy(st.mom.u[core])
             write_stack(f"{root}_2moment.mrcs", np.fft.ifftshift(u, axes=1), self.px)
         self.write_data(Path(f"{root}_data.star"))
@@ -492,7 +494,7 @@ class _Classifier:
             classes.insert(2, "rlnGradMoment2", [f"{k + 1:06d}@{self.out / root}_2moment.mrcs" for k in range(self.k)])
         blocks: dict[str, Any] = {"model_general": general, "model_classes": classes}
         power = np.abs(to_numpy(self.grids.transform(st.refs, False))) ** 2
-        tau2 = to_numpy(_shell_curve(power, self.grids, n_sh))
+        tau2 = to_numpy(shell_curve(power, self.grids, n_sh))
         for k in range(self.k):
             blocks[f"model_class_{k + 1}"] = pd.DataFrame({
                 "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
@@ -560,7 +562,7 @@ class _Classifier:
         if not self.em:
             core = (slice(None),) + g.core
             m1, _ = read_map(f"{root}_1moment.mrcs")
-            m1 = np.fft.fftshift(_deinterleave(m1), axes=1).reshape(2, self.k, *g.core_shape)
+            m1 = np.fft.fftshift(deinterleave_complex(m1), axes=1).reshape(2, self.k, *g.core_shape)
             mom.m[(slice(None),) + core] = xp.asarray(m1)
             m2, _ = read_map(f"{root}_2moment.mrcs")
             mom.u[core] = xp.asarray(np.fft.fftshift(m2.reshape(self.k, *g.core_shape), axes=1))
@@ -661,172 +663,3 @@ def class2d(opt: Class2DOptions) -> Class2DResult:
                                  title=f"{c.k} classes after {st.it} {'iterations' if c.em else 'mini-batches'}")
     return Class2DResult(Path(f"{root}_classes.mrcs"), Path(f"{root}_model.star"), Path(f"{root}_data.star"),
                          gallery, st.it, st.pi, c.box * c.px / st.resolution_shell)
-
-
-def _shell_curve(values: Any, grids: ClassGrids, n_shells: int) -> Any:
-    shells = grids.shell_index()
-    return shell_means(grids.xp.asarray(values), shells, n_shells + 1, shells <= n_shells)[:, :n_shells]
-
-
-def _interleave(z: np.ndarray) -> np.ndarray:
-    """Complex (..., W) as float32 (..., 2W) with real and imaginary parts interleaved along x (RELION's layout)."""
-    return np.ascontiguousarray(z.astype(np.complex64)).view(np.float32)
-
-
-def _deinterleave(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.astype(np.float32)).view(np.complex64)
-
-class _FineSet:
-    """One batch's images on the masked frequencies of the current size, for the oversampled poses.
-
-    Entries are significant coarse poses (image, class and angle, coarse offset); each has 2 finer
-    angles x 4 finer offsets.  Shifts are phase factors of the few distinct offsets, gathered per entry.
-    """
-
-    def __init__(self, box: int, size: int, mask: Any, x: Any, c: Any, inv_s2: Any, fine: Any,
-                 coarse_shifts: np.ndarray, children: np.ndarray, xp: Any) -> None:
-        self.xp = xp
-        self.xm, self.cm = x[:, mask], c[:, mask]  # (B, F)
-        self.wm = (friedel_weights(size, xp) * inv_s2)[mask]  # each Friedel pair once
-        self.inv = inv_s2[mask]
-        self.pm = fine[:, mask]  # (K kf, F)
-        ky, kx = (a.astype(xp.float32) for a in _freq_vectors(size, mask, xp))
-        self.ky, self.kx, self.box = ky, kx, box
-        self.shells = xp.round(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
-        # Offsets are in pixels of the full box; the cropped transform keeps the box's frequency indices.
-        rel = xp.asarray(coarse_shifts[:, None, :] + children[None], dtype=xp.float32)
-        self.table = self._phase(rel).astype(xp.complex64)  # (Tc, 4, F)
-        self.chunk = max(1, (1 << 22) // max(int(self.xm.shape[1]) * 8, 1))
-
-    def _phase(self, shifts: Any) -> Any:
-        return self.xp.exp((-2j * self.xp.pi / self.box) * (shifts[..., 0, None] * self.kx
-                                                              + shifts[..., 1, None] * self.ky))
-
-    def scores(self, img: Any, shift: Any, fine_idx: Any) -> Any:
-        """Log-likelihoods (E, 2, 4) of the fine samples, up to a per-image constant."""
-        xp = self.xp
-        e = int(img.shape[0])
-        out = xp.empty((e, 2, 4), xp.float32)
-        for s in range(0, e, self.chunk):
-            sl = slice(s, s + self.chunk)
-            ie = img[sl]
-            p = self.pm[fine_idx[sl]]  # (e, 2, F)
-            # Re sum conj(X shifted) C P 2w = Re sum (conj(X) C 2w P) conj(phase): batched real matmuls.
-            y = (xp.conj(self.xm[ie]) * (self.cm[ie] * (2 * self.wm)))[:, None, :] * p
-            ph = self.table[shift[sl]]  # (e, 4, F)
-            cross = xp.matmul(y.real, xp.swapaxes(ph.real, 1, 2)) + xp.matmul(y.imag, xp.swapaxes(ph.imag, 1, 2))
-            power = xp.einsum("ef,ejf->ej", self.cm[ie] ** 2 * self.wm, p.real**2 + p.imag**2)
-            out[sl] = (cross - power[:, :, None]).astype(xp.float32)
-        return out
-
-    def best_residual_power(self, moved: Any, best_slice: Any) -> Any:
-        """|X shifted by ``moved`` - C P|^2 (B, F) at each image's best pose."""
-        return self.xp.abs(self.xm * self._phase(moved) - self.cm * self.pm[best_slice]) ** 2
-
-    def accumulate(self, img: Any, shift: Any, group: Any, weights: Any, data: Any, weight: Any) -> None:
-        """data[group] += w c X / sigma2 and weight[group] += w c^2 / sigma2 over samples with weight.
-
-        The prediction's part of the residual, sum w c^2 A / sigma2, is the group's slice times its
-        weight sum and is subtracted once per pass in :meth:`_Classifier.iterate`.
-        """
-        xp = self.xp
-        wt_all = weights * (weights > 1e-6)
-        live = xp.nonzero(wt_all.reshape(-1, 8).sum(axis=1) > 0)[0]
-        cw = self.cm * self.inv[None]  # c / sigma2
-        u, c2w = cw * self.xm, self.cm * cw
-        for s in range(0, int(live.shape[0]), self.chunk):
-            ent = live[s:s + self.chunk]
-            ie = img[ent]
-            wt = wt_all[ent]  # (e, 2, 4)
-            # sum_s w_js X shifted by s = X * (sum_s w_js phase_s): one small matmul
-            wph = xp.matmul(wt.astype(xp.complex64), self.table[shift[ent]])  # (e, 2, F)
-            n_f = wph.shape[-1]
-            gidx = group[ent].ravel()
-            _add_rows(xp, data, gidx, (u[ie][:, None, :] * wph).reshape(-1, n_f))
-            _add_rows(xp, weight, gidx, (wt.sum(axis=2)[:, :, None] * c2w[ie][:, None, :]).reshape(-1, n_f))
-
-
-def _freq_vectors(size: int, mask: Any, xp: Any) -> tuple[Any, Any]:
-    from .fourier import freq_grid
-
-    ky, kx = freq_grid((size, size), xp)
-    ky = xp.broadcast_to(ky, mask.shape)
-    kx = xp.broadcast_to(kx, mask.shape)
-    return ky[mask], kx[mask]
-
-
-def _normalise_per_image(xp: Any, img: Any, logp: Any, b: int) -> tuple[Any, Any, Any]:
-    """Posteriors of samples (E, S) normalised over each image's samples; the per-image max and sum."""
-    top = xp.full(b, -xp.inf, dtype=xp.float32)
-    _maximum_at(xp, top, img, logp.max(axis=1))
-    p = xp.exp(logp - top[img][:, None])
-    norm = xp.bincount(img, weights=p.sum(axis=1), minlength=b)
-    return p / norm[img][:, None], top, norm
-
-
-def _maximum_at(xp: Any, target: Any, idx: Any, values: Any) -> None:
-    if xp.__name__ == "cupy":
-        import cupyx
-
-        cupyx.scatter_max(target, idx, values)
-    else:
-        np.maximum.at(target, idx, values)
-
-
-def _max_per_image(xp: Any, img: Any, pw: Any, b: int) -> Any:
-    out = xp.zeros(b, dtype=xp.float32)
-    _maximum_at(xp, out, img, pw.max(axis=1).astype(xp.float32))
-    return out
-
-
-def _argmax_per_image(xp: Any, img: Any, pw: Any, b: int) -> tuple[Any, Any]:
-    """Per image, the entry and the sample (0..7) of its largest fine posterior."""
-    best = _max_per_image(xp, img, pw, b)
-    vals = pw.max(axis=1)
-    e = img.shape[0]
-    is_best = vals >= best[img] * (1 - 1e-6)
-    cand = xp.where(is_best, xp.arange(e), e)
-    first = xp.full(b, e, dtype=xp.int64)
-    if xp.__name__ == "cupy":
-        import cupyx
-
-        cupyx.scatter_min(first, img, cand)
-    else:
-        np.minimum.at(first, img, cand)
-    return first, pw[first].argmax(axis=1)
-
-
-def _add_rows(xp: Any, target: Any, idx: Any, values: Any) -> None:
-    """target[idx[i]] += values[i] (rows of a 2D array), repeated indices summed.
-
-    On the CPU a sparse (rows x values) selection matrix product (several times faster than
-    ``add.at``); on the GPU atomic adds.
-    """
-    if xp.__name__ == "cupy":
-        import cupyx
-
-        width = target.shape[1]
-        pos = (idx[:, None] * width + xp.arange(width)[None, :]).ravel()
-        flat = target.reshape(-1)
-        v = values.reshape(-1).astype(target.dtype)
-        if xp.iscomplexobj(flat):  # atomic adds on the interleaved real and imaginary parts
-            view = flat.view(xp.float32)
-            cupyx.scatter_add(view, 2 * pos, v.real.astype(xp.float32))
-            cupyx.scatter_add(view, 2 * pos + 1, v.imag.astype(xp.float32))
-        else:
-            cupyx.scatter_add(flat, pos, v)
-        return
-    import scipy.sparse
-
-    n = values.shape[0]
-    rows, inverse = np.unique(idx, return_inverse=True)
-    select = scipy.sparse.csr_matrix((np.ones(n, np.float32), (inverse, np.arange(n))), shape=(rows.size, n))
-    target[rows] += np.asarray(select @ values.astype(target.dtype))
-
-
-def _inverse_sigma2(sigma2: np.ndarray, size: int) -> np.ndarray:
-    """1/sigma2 on the (size, size/2+1) grid from a per-shell curve."""
-    from .likelihood import shell_map
-
-    return 1.0 / np.maximum(to_numpy(shell_map(sigma2, size, np)), 1e-30)
-

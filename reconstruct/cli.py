@@ -77,6 +77,45 @@ def _cmd_class2d(a: argparse.Namespace) -> None:
     print(f"{len(res.class_distribution)} classes ({n_used} non-empty) in {res.classes}; gallery {res.gallery}")
 
 
+def _class3d_options(a: argparse.Namespace, ref: Path | None, stepsize: float, inflate: float) -> Any:
+    from .class3d import Class3DOptions
+
+    return Class3DOptions(
+        star=Path(a.i), out=Path(a.o), particle_diameter=a.particle_diameter, ref=ref, n_classes=a.K,
+        algorithm=a.algorithm, n_iter=a.iter, sym=a.sym,
+        healpix_order=a.healpix_order, max_healpix_order=a.max_healpix_order, offset_range=a.offset_range,
+        offset_step=a.offset_step, tau2_fudge=a.tau2_fudge, ini_high=getattr(a, "ini_high", 0.0),
+        ctf=not a.no_ctf, zero_mask=not a.no_zero_mask, flatten_solvent=not a.no_flatten_solvent, pad=a.pad,
+        ini_subset=a.grad_ini_subset, fin_subset=a.grad_fin_subset, stepsize=stepsize, inflate=inflate,
+        write_every=a.grad_write_iter, adaptive_fraction=a.adaptive_fraction, max_significant=a.maxsig,
+        batch=a.batch, seed=a.random_seed, gpu=a.gpu, resume=a.continue_run,
+        project_dir=Path(a.project_dir) if a.project_dir else None)
+
+
+def _cmd_initialmodel(a: argparse.Namespace) -> None:
+    from .class3d import class3d
+
+    opt = _class3d_options(a, None, a.grad_stepsize, -1.0)
+    opt.sym, opt.align_sym = ("C1", a.sym) if a.run_in_c1 else (a.sym, "C1")
+    res = class3d(opt)
+    shares = ", ".join(f"{100 * p:.1f}%" for p in res.class_distribution)
+    print(f"initial model {res.initial_model} (largest of {len(res.class_distribution)} classes: {shares}; "
+          f"estimated resolution {res.resolution:.1f} Å)" + (
+              f"; {a.sym} axes found, CC with its symmetrised self {res.symmetry_score:.3f}"
+              if res.symmetry_score is not None else ""))
+    print(f"class slices: {res.slices}")
+
+
+def _cmd_class3d(a: argparse.Namespace) -> None:
+    from .class3d import class3d
+
+    vdam = a.algorithm == "vdam"
+    res = class3d(_class3d_options(a, Path(a.ref), a.grad_stepsize if vdam else 1.0, 1.0))
+    shares = ", ".join(f"{100 * p:.1f}%" for p in res.class_distribution)
+    print(f"{len(res.maps)} classes ({shares}) in {res.maps[0].parent}; particles and classes in {res.data_star}; "
+          f"slices {res.slices}")
+
+
 def _ssri_options(a: argparse.Namespace) -> Any:
     from .ssri import SsriOptions
 
@@ -85,6 +124,55 @@ def _ssri_options(a: argparse.Namespace) -> Any:
     return SsriOptions(alpha=a.ssri_alpha, beta=a.ssri_beta, gamma=a.ssri_gamma, eps=a.ssri_eps, epsp=a.ssri_epsp,
                        mu=a.ssri_mu, iters=a.ssri_iters, lr=a.ssri_lr, holdout=a.ssri_holdout,
                        search=not a.ssri_no_search, fsc_weight=not a.ssri_no_fsc_weight)
+
+
+def _add_class3d_arguments(s: argparse.ArgumentParser, initial_model: bool) -> None:
+    """Options shared by ``initialmodel`` and ``class3d`` (RELION's names and each job's defaults)."""
+    s.add_argument("--i", required=True, help="particle STAR file (with CTF parameters)")
+    s.add_argument("--o", required=True, help="output directory (files are DIR/run_*)")
+    s.add_argument("--K", type=int, default=3 if initial_model else 4, help="number of classes")
+    s.add_argument("--particle_diameter", type=float, required=True,
+                   help="diameter of the spherical mask on the maps and circular mask on the images (Å)")
+    s.add_argument("--sym", default="C1",
+                   help="point group: initialmodel finds its axes in the final map; class3d imposes it")
+    s.add_argument("--algorithm", choices=("vdam", "em"), default="vdam" if initial_model else "em",
+                   help="optimisation algorithm")
+    s.add_argument("--iter", type=int, default=0,
+                   help="mini-batches (vdam) or iterations (em); 0 = 200 for vdam, 25 for em")
+    s.add_argument("--healpix_order", type=int, default=1,
+                   help="coarse angular sampling: HEALPix order (1 = 30°, oversampled to 15°; 2 = 15°)")
+    s.add_argument("--max_healpix_order", type=int, default=2,
+                   help="finest coarse order the automatic sampling may reach (RELION allows 3; each order "
+                        "costs about 8x the orientation search)")
+    s.add_argument("--offset_range", type=float, default=6.0,
+                   help="translational search range around each particle's previous offset (pixels)")
+    s.add_argument("--offset_step", type=float, default=2.0,
+                   help="coarse translational step (pixels); oversampled to half")
+    s.add_argument("--tau2_fudge", type=float, default=4.0, help="regularisation parameter T")
+    s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
+    s.add_argument("--no_zero_mask", action="store_true", help="do not mask the particle images")
+    s.add_argument("--no_flatten_solvent", action="store_true", help="do not zero the maps outside the mask")
+    s.add_argument("--pad", type=float, default=1.0, help="padding factor of the Fourier grids")
+    s.add_argument("--grad_ini_subset", type=int, default=-1,
+                   help="vdam: initial mini-batch size (-1: initialmodel 0.5%% of the particles, 200 to 5,000; "
+                        "class3d 10%%, 200 to 100,000)")
+    s.add_argument("--grad_fin_subset", type=int, default=-1,
+                   help="vdam: final mini-batch size (-1: 10%% of the particles, 1,000 to 50,000 (initialmodel) "
+                        "or 100,000 (class3d))")
+    s.add_argument("--grad_stepsize", type=float, default=0.5 if initial_model else 0.3,
+                   help="vdam: final step size" + (" (the first mini-batches take 0.9)" if initial_model else ""))
+    s.add_argument("--grad_write_iter", type=int, default=10,
+                   help="vdam: write the outputs every this many mini-batches")
+    s.add_argument("--adaptive_fraction", type=float, default=0.999,
+                   help="posterior mass of the coarse poses oversampled per particle")
+    s.add_argument("--maxsig", type=int, default=-1,
+                   help="most coarse poses oversampled per particle (-1: 5 K; RELION uses 100 K)")
+    s.add_argument("--batch", type=int, default=512, help="particles per E-step batch (lower it if memory is short)")
+    s.add_argument("--random_seed", type=int, default=0, help="seed of the initial maps, classes and mini-batches")
+    s.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="resume from the last written iteration in --o")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    _gpu_flag(s)
 
 
 def _add_ssri_options(s: argparse.ArgumentParser) -> None:
@@ -406,6 +494,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
     _gpu_flag(s)
     s.set_defaults(func=_cmd_class2d)
+
+    s = sub.add_parser("initialmodel", formatter_class=HELP_FORMAT,
+                       help="3D initial model without a reference, by VDAM (like RELION's InitialModel job)",
+                       description="Build --K 3D classes from Gaussian-blob starts by --iter VDAM mini-batches of "
+                                   "growing size (0.5%% then 10%% of the particles), HEALPix orientation search "
+                                   "with oversampling and translations, CTF correction; no resolution limit is "
+                                   "imposed. The most populated class is aligned to --sym's axes (the run itself "
+                                   "is in C1 unless --no_run_in_c1) and written as DIR/initial_model.mrc. Writes "
+                                   "RELION's run_it* files and a PNG of every class's central slices every "
+                                   "--grad_write_iter mini-batches; --continue resumes after the last written one.")
+    _add_class3d_arguments(s, initial_model=True)
+    s.add_argument("--no_run_in_c1", dest="run_in_c1", action="store_false",
+                   help="search in --sym throughout instead of running in C1 and aligning the axes afterwards")
+    s.set_defaults(func=_cmd_initialmodel)
+
+    s = sub.add_parser("class3d", formatter_class=HELP_FORMAT,
+                       help="3D classification from a reference (like RELION's Class3D job)",
+                       description="Classify particles into --K 3D classes, all starting from --ref low-passed to "
+                                   "--ini_high; in the first iteration every particle goes to a random class, which "
+                                   "breaks the tie. --algorithm em (RELION's default) takes --iter full "
+                                   "expectation-maximisation passes; vdam takes mini-batches of 10%% of the data. "
+                                   "Writes RELION's run_it* files (classes, model, data with rlnClassNumber) and a "
+                                   "PNG of every class's central slices; --continue resumes.")
+    s.add_argument("--ref", required=True, help="reference map (box and pixel size of the particles)")
+    s.add_argument("--ini_high", type=float, default=60.0, help="low-pass filter the reference to this resolution (Å)")
+    _add_class3d_arguments(s, initial_model=False)
+    s.set_defaults(func=_cmd_class3d)
 
     s = sub.add_parser("ssri-tune", formatter_class=HELP_FORMAT,
                        help="search SSRI's parameters on a refined subset (the OPUS-SSRI paper's ordered search)",

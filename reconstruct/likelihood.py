@@ -48,6 +48,15 @@ def shell_map(values: Any, size: int, xp: Any) -> Any:
     return values[xp.clip(shell, 0, values.size - 1)]
 
 
+def inverse_sigma2_curve(sigma2: Any, size: int) -> Any:
+    """1/sigma2 on the (size, size/2+1) half grid (NumPy) from a per-shell noise curve."""
+    import numpy as np
+
+    from .backend import to_numpy
+
+    return 1.0 / np.maximum(to_numpy(shell_map(sigma2, size, np)), 1e-30)
+
+
 def score_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,
                 mask: Any, terms: bool = False) -> Any:
     """Log-likelihoods (B, M, T) up to a per-image constant.

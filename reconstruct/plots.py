@@ -1,4 +1,5 @@
-"""Plots people look at instead of tables: FSC curves (PNG, via matplotlib's Agg backend)."""
+"""Plots people look at instead of tables: FSC curves, class galleries, 3D class slices (PNG, via
+matplotlib's Agg backend)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,31 @@ def plot_class_gallery(refs: np.ndarray, distribution: np.ndarray, out: str | Pa
                 spine.set_edgecolor("tab:green" if selected[c] else "tab:red")
                 spine.set_linewidth(2.5 if selected[c] else 1.0)
     fig.suptitle(title, fontsize=9)
+    return _save_png(fig, out)
+
+
+def plot_class_slices(maps: np.ndarray, distribution: np.ndarray, out: str | Path, title: str = "3D classes"
+                      ) -> Path:
+    """Write the central xy, xz and yz slices of each 3D class (K, N, N, N), one row per class with its
+    share of the particles, largest class first: how an initial model or a 3D classification evolves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-np.asarray(distribution), kind="stable")
+    k, n = len(order), maps.shape[1]
+    fig, axes = plt.subplots(k, 3, figsize=(4.2, 1.45 * k + 0.5), dpi=100, squeeze=False)
+    for row, c in zip(axes, order):
+        vol = maps[c]
+        views = (vol[n // 2], vol[:, n // 2], vol[:, :, n // 2])
+        lo, hi = np.percentile(vol, [1, 99.9])
+        for ax, img, name in zip(row, views, ("xy", "xz", "yz")):
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"class {c + 1}: {100 * distribution[c]:.1f}% ({name})", fontsize=6)
+    fig.suptitle(title, fontsize=8)
     return _save_png(fig, out)
 
 

@@ -172,6 +172,37 @@ def inverse_sigma2_full(sigma2: np.ndarray, box: int, xp: Any) -> Any:
     return _inverse_sigma2(sigma2, box, fourier_mask(box, box / 2, xp), xp)
 
 
+def reference_scale(src: ImageSource, ctf: CtfSource | None, ref: Any, sigma2: np.ndarray, size: int,
+                    mats: np.ndarray, shifts: np.ndarray, pad: float, batch: int, xp: Any,
+                    n_sample: int = 128) -> float | None:
+    """The data's intensity relative to ``ref``, from scale-free (correlation) best poses of a sample.
+
+    A reference on another grey-scale would make the likelihood meaningless in the first
+    iteration; RELION offers --firstiter_cc for this, here it is automatic.  None when the
+    reference does not correlate with the particles at all.
+    """
+    box = src.box
+    mask2d = fourier_mask(size, size / 2 - 1, xp)
+    inv_s2 = _inverse_sigma2(sigma2, size, mask2d, xp)
+    proj = Projector(xp.asarray(ref), padding=pad).project(xp.asarray(mats), size=size)
+    n = len(src.table)
+    rows = np.linspace(0, n - 1, min(n, n_sample)).astype(int)
+    num = den = 0.0
+    for r, imgs in src.batches(batch, rows):
+        x = crop_half(centred_fft(xp.asarray(imgs), 2), size)
+        c = crop_half(ctf(r, xp), size) if ctf else xp.ones(x.shape, xp.float32)
+        cross, power = score_poses(x, c, proj, shifts, inv_s2, box, mask2d, terms=True)
+        cc = cross / xp.sqrt(xp.maximum(power, 1e-30))[:, :, None]
+        best = cc.reshape(len(r), -1).argmax(axis=1)
+        m_best, t_best = best // len(shifts), best % len(shifts)
+        idx = xp.arange(len(r))
+        num += float(cross[idx, m_best, t_best].sum()) / 2
+        den += float(power[idx, m_best].sum())
+    if den <= 0 or num <= 0:
+        return None
+    return num / den
+
+
 class _Refiner:
     def __init__(self, opt: Refine3DOptions) -> None:
         self.opt = opt
@@ -216,34 +247,16 @@ class _Refiner:
         return st, refs
 
     def calibrate_scale(self, ref: Any, st: _State) -> float:
-        """The data's intensity relative to the reference, from scale-free (correlation) best poses.
-
-        A reference on another grey-scale would make the likelihood meaningless in the first
-        iteration; RELION offers --firstiter_cc for this, here it is automatic.
-        """
-        xp = self.xp
-        size = _current_size(st.resolution, self.box, self.px)
-        mask2d = fourier_mask(size, size / 2 - 1, xp)
-        inv_s2 = _inverse_sigma2(st.sigma2, size, mask2d, xp)
-        mats, _ = orientations(self.opt.healpix_order, self.opt.sym)
-        shifts = translations(self.opt.offset_range, self.opt.offset_step)
-        proj = Projector(ref * self.mask3d, padding=self.opt.pad).project(xp.asarray(mats), size=size)
-        rows = np.linspace(0, self.n - 1, min(self.n, 128)).astype(int)
-        num = den = 0.0
-        for r, imgs in self.src.batches(self.opt.batch, rows):
-            x = crop_half(centred_fft(xp.asarray(imgs), 2), size)
-            c = crop_half(self.ctf(r, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
-            cross, power = score_poses(x, c, proj, shifts, inv_s2, self.box, mask2d, terms=True)
-            cc = cross / xp.sqrt(xp.maximum(power, 1e-30))[:, :, None]
-            best = cc.reshape(len(r), -1).argmax(axis=1)
-            m_best, t_best = best // len(shifts), best % len(shifts)
-            idx = xp.arange(len(r))
-            num += float(cross[idx, m_best, t_best].sum()) / 2
-            den += float(power[idx, m_best].sum())
-        if den <= 0 or num <= 0:
-            raise InputError(self.opt.ref, "the reference does not correlate with the particles",
+        """The data's intensity relative to the reference (see :func:`reference_scale`)."""
+        opt = self.opt
+        mats, _ = orientations(opt.healpix_order, opt.sym)
+        scale = reference_scale(self.src, self.ctf, ref * self.mask3d, st.sigma2,
+                                _current_size(st.resolution, self.box, self.px), mats,
+                                translations(opt.offset_range, opt.offset_step), opt.pad, opt.batch, self.xp)
+        if scale is None:
+            raise InputError(opt.ref, "the reference does not correlate with the particles",
                              "check that the particles' contrast is inverted (protein white) as RELION expects")
-        return num / den
+        return scale
 
     def initial_sigma2(self) -> np.ndarray:
         """Noise power per shell from the images' power spectra (RELION's starting estimate)."""

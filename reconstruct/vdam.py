@@ -146,6 +146,12 @@ def shell_means(values: Any, shells: Any, n_shells: int, inside: Any) -> Any:
     return total / xp.maximum(count, 1)[None, :]
 
 
+def shell_curve(values: Any, grids: Any, n_shells: int) -> Any:
+    """Per class, the mean of ``values`` (K, *grid) over shells 0..n_shells-1: (K, n_shells)."""
+    shells = grids.shell_index()
+    return shell_means(grids.xp.asarray(values), shells, n_shells + 1, shells <= n_shells)[:, :n_shells]
+
+
 def update_moments(grids: Any, g_half: Any, f_half: Any, mom: Moments, floor: float, em: bool = False) -> Any:
     """Rescale the half sets' gradients, update the moments in place and return the direction g.
 
@@ -190,6 +196,34 @@ def fsc_weights(grids: Any, v: Any, mom: Moments, tau2_fudge: float, radius: flo
     snr = 2.0 * tau2_fudge * power / xp.maximum(noise, 1e-30)
     fsc = xp.clip(snr / (1 + snr), 0.0, 1.0)
     fsc[:, 0] = 1.0  # the mean (shell 0) follows the data
+    return fsc
+
+
+def half_set_fsc(grids: Any, v: Any, g_half: Any, f_half: Any, floor: float, tau2_fudge: float,
+                 radius: float) -> Any:
+    """Per class and shell, an FSC weight from the two half sets' own data (K, N/2+2).
+
+    Each half set's data average is A_h = V + G_h / F_h (the reference cancels where F_h is above the
+    floor), so the shell correlation of A_1 and A_2 measures what this batch's data support; the
+    full set's FSC follows as 2 FSC_half / (1 + FSC_half), and T scales its SNR as in RELION's
+    regularisation: FSC_T = T SNR / (1 + T SNR).  Unlike :func:`fsc_weights` it falls to zero on pure
+    noise whatever T, so the 3D classes are not filled with noise at shells the data do not support.
+    """
+    xp = grids.xp
+    n_shells = grids.box // 2 + 2
+    shells = grids.shell_index()
+    both = (f_half[0] > floor) & (f_half[1] > floor)
+    a1 = xp.where(both, v + g_half[0] / xp.maximum(f_half[0], floor), 0)
+    a2 = xp.where(both, v + g_half[1] / xp.maximum(f_half[1], floor), 0)
+    inside = shells <= radius
+    cross = shell_means((a1 * xp.conj(a2)).real, shells, n_shells, inside)
+    p1 = shell_means(xp.abs(a1) ** 2, shells, n_shells, inside)
+    p2 = shell_means(xp.abs(a2) ** 2, shells, n_shells, inside)
+    half = xp.clip(cross / xp.sqrt(xp.maximum(p1 * p2, 1e-30)), 0.0, 0.999)
+    full = 2 * half / (1 + half)
+    snr = tau2_fudge * full / (1 - full)
+    fsc = snr / (1 + snr)
+    fsc[:, 0] = 1.0
     return fsc
 
 

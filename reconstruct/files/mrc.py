@@ -150,3 +150,14 @@ class StackAppender:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
         except RuntimeError:
             pass
+
+
+def interleave_complex(z: np.ndarray) -> np.ndarray:
+    """Complex (..., W) as float32 (..., 2W), real and imaginary parts interleaved along x: RELION's
+    layout of complex arrays (VDAM moments) in MRC files."""
+    return np.ascontiguousarray(z.astype(np.complex64)).view(np.float32)
+
+
+def deinterleave_complex(a: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`interleave_complex`."""
+    return np.ascontiguousarray(a.astype(np.float32)).view(np.complex64)

@@ -1,0 +1,753 @@
+"""3D classification: RELION's InitialModel job (VDAM from Gaussian blobs) and Class3D job (EM or VDAM).
+
+Each mini-batch (or EM iteration): an E-step over every particle of the batch -- a coarse search over
+K classes x HEALPix orientations (the current order, RELION's grid in the group's asymmetric unit,
+randomly perturbed each time) x translations around each particle's previous offset, then every
+significant coarse pose oversampled once (8 finer orientations x 4 finer offsets), as RELION's
+adaptive oversampling -- and an M-step that back-projects, per half set (particle index mod 2), the
+residuals w c (X - c A) / sigma2 and weights w c^2 / sigma2 into the K class grids, from which
+:mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, the EM update).  Samples of one
+fine orientation are summed before they are back-projected, so the back-projection costs at most one
+slice per distinct fine orientation per batch.  Nothing loops over particles or poses in Python.
+
+The initial model starts from K references of random Gaussian blobs on the grey-scale of a
+reconstruction of the data at random orientations (RELION's ``--denovo_3dref``); the sampling gets
+finer (``--healpix_order`` up to ``--max_healpix_order``) when the resolution stops improving and the
+orientations are estimated better than the grid.  After the last mini-batch the most populated class
+is aligned to the requested point group (:mod:`reconstruct.symmetry_align`) and written as
+``initial_model.mrc``, as RELION's job runs ``relion_align_symmetry``.  Class3D starts every class
+from the low-passed reference and breaks the tie by assigning each particle to a random class in the
+first iteration.  Outputs are RELION's (``run_itNNN_{class00k.mrc,model.star,data.star,optimiser.star,
+sampling.star}``, the VDAM moments) plus a PNG of each class's central slices; ``--continue``
+resumes from the last written iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.transform import Rotation
+
+from .backend import get_xp, to_numpy
+from .class_grids import ClassGrids
+from .files.errors import InputError
+from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_map
+from .files.stack import ImageSource
+from .files.star import read_particles, read_star, write_star
+from .fourier import centred_fft, crop_half, lowpass_filter, shift_images
+from .fsc import resolution_at
+from .geometry import angle_between, matrix_to_euler, random_rotations
+from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
+from .masks import soft_sphere
+from .memory import check_fits
+from .oversampling import FineSamples, argmax_per_image, max_per_image, normalise_per_image
+from .particles import CtfSource, origins_px
+from .progress import progress
+from .refine3d import image_power_spectrum, reference_scale
+from .sampling import angular_step, orientations, translations
+from .symmetry import group_order, symmetry_operators
+from .vdam import (
+    Moments,
+    VdamSchedule,
+    apply_step,
+    class_steps,
+    direction_power,
+    fsc_weights,
+    half_set_fsc,
+    shell_curve,
+    shell_means,
+    update_moments,
+)
+
+log = logging.getLogger("reconstruct")
+
+#: Rotation vectors (degrees, in units of the coarse angular step) of the 8 finer orientations that
+#: oversample one coarse orientation: the centres of the 2 x 2 x 2 sub-cells of its cell.
+_CHILD_ROTVECS = np.array([[x, y, z] for x in (-0.25, 0.25) for y in (-0.25, 0.25) for z in (-0.25, 0.25)])
+_N_CHILD = len(_CHILD_ROTVECS)
+
+
+@dataclass
+class Class3DOptions:
+    """Options of ``reconstruct initialmodel`` and ``reconstruct class3d`` (RELION's names)."""
+
+    star: Path  # --i
+    out: Path  # --o: output directory; files are DIR/run_*
+    particle_diameter: float  # --particle_diameter (Å)
+    ref: Path | None = None  # --ref: None = de novo from blobs (initial model)
+    n_classes: int = 3  # --K
+    algorithm: str = "vdam"  # --algorithm: vdam or em
+    n_iter: int = 0  # --iter: 0 = 200 mini-batches (vdam) or 25 iterations (em)
+    sym: str = "C1"  # --sym: the group searched in (the initial model runs in C1, see align_sym)
+    align_sym: str = "C1"  # initial model: the group whose axes are found in the final map
+    healpix_order: int = 1  # --healpix_order: coarse sampling (1 = 30 degrees, oversampled to 15)
+    max_healpix_order: int = 2  # --max_healpix_order: finest coarse order auto-sampling may reach
+    offset_range: float = 6.0  # --offset_range (px, around each particle's previous offset)
+    offset_step: float = 2.0  # --offset_step (px, coarse; oversampled to half)
+    tau2_fudge: float = 4.0  # --tau2_fudge (T)
+    ini_high: float = 0.0  # --ini_high: low-pass of --ref (Å); 0 = none
+    class_inactivity_threshold: float = 0.0  # vdam class replacement (0 = off, RELION's InitialModel)
+    ctf: bool = True
+    zero_mask: bool = True
+    flatten_solvent: bool = True
+    pad: float = 1.0  # --pad (RELION's InitialModel uses 1)
+    ini_subset: int = -1
+    fin_subset: int = -1
+    stepsize: float = 0.5  # final VDAM step (0.5 initial model, 0.3 classification)
+    inflate: float = -1.0  # initial step = stepsize * inflate (-1: 0.9 / stepsize; 1: no schedule)
+    write_every: int = 10
+    adaptive_fraction: float = 0.999
+    max_significant: int = -1  # -1: 5 K coarse poses per particle (RELION: 100 K)
+    batch: int = 512
+    seed: int = 0
+    gpu: bool = False
+    resume: bool = False
+    project_dir: Path | None = None
+
+
+@dataclass
+class Class3DResult:
+    """Where the final outputs are, and the numbers a caller wants."""
+
+    maps: list[Path]
+    model_star: Path
+    data_star: Path
+    slices: Path
+    iterations: int
+    class_distribution: np.ndarray
+    resolution: float
+    initial_model: Path | None = None
+    symmetry_score: float | None = None
+
+
+@dataclass
+class _State:
+    it: int
+    refs: Any  # (K, N, N, N)
+    mom: Moments
+    pi: np.ndarray
+    sigma2: np.ndarray  # (N/2+1,)
+    sigma_offset: float  # px
+    resolution_shell: int
+    order: int
+    fsc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    acc_trans: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    completeness: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    loglik: float = 0.0
+    avg_pmax: float = 0.0
+    changes_classes: float = 0.0
+    checked_shell: int = 0  # resolution at the last auto-sampling check
+
+
+def _even(n: float) -> int:
+    m = math.ceil(n)
+    return m + (m % 2)
+
+
+def child_rotations(step: float) -> np.ndarray:
+    """The 8 small rotations (8, 3, 3) that split a coarse orientation cell of ``step`` degrees;
+    ``delta @ A`` is a finer orientation around coarse pose A."""
+    return Rotation.from_rotvec(np.deg2rad(_CHILD_ROTVECS * step)).as_matrix()
+
+
+class _Classifier:
+    def __init__(self, opt: Class3DOptions) -> None:
+        if opt.algorithm not in ("vdam", "em"):
+            raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
+        if opt.n_classes < 1:
+            raise ValueError("--K must be at least 1")
+        if not 0 <= opt.healpix_order <= opt.max_healpix_order <= 4:
+            raise ValueError("need 0 <= --healpix_order <= --max_healpix_order <= 4")
+        self.opt = opt
+        self.em = opt.algorithm == "em"
+        self.xp = xp = get_xp(opt.gpu)
+        self.out = Path(opt.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.table = read_particles(opt.star)
+        self.src = ImageSource(self.table, opt.project_dir)
+        self.box, self.px = self.src.box, self.src.pixel_size
+        self.n, self.k = len(self.table), opt.n_classes
+        radius_px = opt.particle_diameter / (2 * self.px)
+        if radius_px > self.box / 2:
+            raise InputError(opt.star, f"--particle_diameter {opt.particle_diameter:g} Å is larger than the "
+                             f"box ({self.box} px x {self.px:.3f} Å)", "give the particle's diameter in Å")
+        self.grids = ClassGrids(self.box, self.k, 3, opt.pad, xp)
+        self.sym_ops = symmetry_operators(opt.sym)
+        self.maxsig = opt.max_significant if opt.max_significant > 0 else 5 * self.k
+        # Grids: references, moments, two halves of data and weights; the coarse slices at the finest order.
+        n_coarse = self.k * 12 * 4**opt.max_healpix_order * 6 * 2**opt.max_healpix_order // group_order(opt.sym)
+        need = (self.grids.cells * self.k * 8 * 9 + n_coarse * self.box * (self.box // 2 + 1) * 8
+                + opt.batch * self.maxsig * _N_CHILD * self.box * (self.box // 2 + 1) * 8)
+        check_fits(need, xp, f"3D classification of K={self.k} classes at box {self.box}",
+                   "use fewer classes (--K), a lower --max_healpix_order, a smaller --batch or --maxsig, "
+                   "or downsampled particles")
+        self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
+        self.mask2d = soft_sphere((self.box, self.box), radius_px, 5.0, xp)
+        self.mask3d = soft_sphere((self.box,) * 3, radius_px, 5.0, xp)
+        self.n_iter = opt.n_iter or (25 if self.em else 200)
+        kind = "initial_model" if opt.ref is None else "3d"
+        self.schedule = VdamSchedule(n_iter=self.n_iter, n_particles=self.n, ini_subset=opt.ini_subset,
+                                     fin_subset=opt.fin_subset, stepsize=opt.stepsize, inflate=opt.inflate,
+                                     tau2_fudge=opt.tau2_fudge, kind=kind)
+        self.shifts_coarse = translations(opt.offset_range, opt.offset_step)
+        self.shift_children = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * (0.25 * opt.offset_step)
+        data = self.table.data
+        self.cls = np.arange(self.n) % self.k
+        self.rot = np.tile(np.eye(3), (self.n, 1, 1))
+        self.offsets = np.zeros((self.n, 2)) if opt.ref is None else np.array(origins_px(self.table, self.px))
+        self.pmax = np.zeros(self.n)
+        self.nsig = np.zeros(self.n, dtype=int)
+        self.loglik = np.zeros(self.n)
+        self.floor = float(self.box) ** -6  # RELION's F floor of 1 (FFT / N^3) in our unnormalised units
+        del data
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def initial_state(self) -> _State:
+        """Noise from the images' power; references of random blobs (de novo) or the given map."""
+        opt, xp = self.opt, self.xp
+        rng = np.random.default_rng(opt.seed)
+        rows = np.arange(min(self.n, 1000))
+        sigma2 = image_power_spectrum(self.src, rows, opt.batch, xp)
+        if opt.ref is None:
+            refs = self.blob_references(self.seed_references(rows, sigma2, rng), rng)
+            resolution_shell = 5
+        else:
+            refs, resolution_shell = self.reference_maps(sigma2)
+        z = np.zeros((self.k, self.box // 2 + 2))
+        return _State(0, refs, Moments.empty(self.grids), np.full(self.k, 1.0 / self.k), sigma2,
+                      opt.offset_range / 3, resolution_shell, opt.healpix_order, z.copy(), np.zeros(self.k),
+                      np.zeros(self.k), z.copy())
+
+    def seed_references(self, rows: np.ndarray, sigma2: np.ndarray, rng: np.random.Generator) -> Any:
+        """Per class, a CTF-weighted reconstruction of its share of ``rows`` at random orientations."""
+        xp, g = self.xp, self.grids
+        d, w = g.zeros(), g.zeros(xp.float32)
+        inv_s2 = xp.asarray(inverse_sigma2_curve(sigma2, self.box), dtype=xp.float32)
+        for r, imgs in self.src.batches(self.opt.batch, rows):
+            x = centred_fft(xp.asarray(imgs) * self.mask2d, 2)
+            c = self.ctf(r, xp) if self.ctf else xp.ones(x.shape, xp.float32)
+            g.insert(d, w, r % self.k, random_rotations(r.size, rng), x * c * inv_s2, c * c * inv_s2)
+        d, w = g.friedel(d), g.friedel(w, conjugate=False)
+        mean_w = float(w[w > 0].mean()) if bool((w > 0).any()) else 1.0
+        return g.images(d / (w + 0.1 * mean_w))
+
+    def blob_references(self, seed: Any, rng: np.random.Generator) -> Any:
+        """40 positive minus half of 40 negative Gaussian blobs per class, centred ~N(box/2, d/6), on the
+        seed's grey-scale, masked with the background outside (RELION's ``make_blobs_3d``)."""
+        n = self.box
+        d = self.opt.particle_diameter / self.px
+        seed = to_numpy(seed)
+        zz, yy, xx = np.mgrid[0:n, 0:n, 0:n].astype(np.float32)
+        reach = d / 3
+        refs = np.zeros((self.k, n, n, n), np.float32)
+        for k in range(self.k):  # K maps of 80 blobs: set-up only
+            out = np.zeros((n, n, n), np.float32)
+            for sign in (1.0, -0.5):
+                for c in rng.normal(n / 2, d / 6, size=(40, 3)):
+                    ci = np.round(c).astype(int)
+                    if not ((ci >= 0) & (ci < n)).all():
+                        continue
+                    amp = abs(float(seed[k][ci[2], ci[1], ci[0]]))
+                    lo, hi = np.maximum(ci - math.ceil(reach), 0), np.minimum(ci + math.ceil(reach) + 1, n)
+                    sl = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+                    r2 = (xx[sl] - c[0]) ** 2 + (yy[sl] - c[1]) ** 2 + (zz[sl] - c[2]) ** 2
+                    out[sl] += sign * amp * np.exp(-r2 * (10 / d) ** 2)
+            std = out.std()
+            refs[k] = out * (seed[k].std() / std if std > 0 else 0)
+        mask = to_numpy(self.mask3d)
+        outside = 1 - mask
+        bg = (refs * outside).sum((1, 2, 3), keepdims=True) / max(float(outside.sum()), 1e-6)
+        return self.xp.asarray(refs * mask + bg * outside)
+
+    def reference_maps(self, sigma2: np.ndarray) -> tuple[Any, int]:
+        """K copies of ``--ref``, low-passed to ``--ini_high`` and put on the data's grey-scale."""
+        opt, xp = self.opt, self.xp
+        ref, ref_px = read_map(opt.ref)
+        if ref.shape != (self.box,) * 3:
+            raise InputError(opt.ref, f"reference is {ref.shape}, particles are {self.box} px",
+                             "rescale the reference to the particles' box and pixel size")
+        if ref_px > 0 and abs(ref_px - self.px) > 0.01 * self.px:
+            raise InputError(opt.ref, f"reference pixel size {ref_px:.3f} Å differs from the particles' "
+                             f"{self.px:.3f} Å", "rescale the reference (e.g. relion_image_handler --rescale_angpix)")
+        if opt.ini_high > 0:
+            ref = lowpass_filter(ref, self.px, opt.ini_high, ndim=3)
+        shell = max(5, round(self.box * self.px / opt.ini_high)) if opt.ini_high > 0 else self.box // 4
+        size = min(self.box, max(16, _even(2 * (shell + 10))))
+        mats, _ = orientations(opt.healpix_order, opt.sym)
+        scale = reference_scale(self.src, self.ctf, xp.asarray(ref) * self.mask3d, sigma2, size, mats,
+                                self.shifts_coarse, opt.pad, opt.batch, xp)
+        if scale is None:
+            raise InputError(opt.ref, "the reference does not correlate with the particles",
+                             "check that the particles' contrast is inverted (protein white) as RELION expects")
+        log.info("reference grey-scale matched to the data: scale %.4g", scale)
+        refs = xp.asarray(np.repeat((ref * scale)[None], self.k, axis=0).astype(np.float32))
+        return refs * self.mask3d, shell
+
+    # -- one mini-batch ---------------------------------------------------------------------------
+    def current_size(self, st: _State) -> int:
+        return min(self.box, max(16, _even(2 * (st.resolution_shell + 10))))
+
+    def iterate(self, st: _State, rows: np.ndarray, fixed_class: np.ndarray | None) -> dict[str, Any]:
+        """E-step over ``rows`` and the half sets' back-projected residuals and weights.
+
+        ``fixed_class`` (per particle, or None) restricts each particle to one class: Class3D's
+        first iteration, when every class is the same reference.
+        """
+        xp, opt, g = self.xp, self.opt, self.grids
+        size = self.current_size(st)
+        mask2d = fourier_mask(size, size / 2 - 1, xp)
+        inv_s2 = xp.asarray(inverse_sigma2_curve(st.sigma2, size), dtype=xp.float32) * mask2d
+        proj_grid = g.transform(st.refs, gridding_correction=True)
+        rng = np.random.default_rng([opt.seed, st.it])
+        mats, _ = orientations(st.order, opt.sym, perturb=0.5, rng=rng)
+        oc = len(mats)
+        coarse = g.project(proj_grid, np.repeat(np.arange(self.k), oc), np.tile(mats, (self.k, 1, 1)), size)
+        sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "grid": proj_grid, "coarse": coarse,
+                  "mats": mats, "children": child_rotations(angular_step(st.order)),
+                  "log_pi": xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)}
+        acc = {"g_half": xp.zeros((2, self.k, *g.shape), xp.complex64),
+               "f_half": xp.zeros((2, self.k, *g.shape), xp.float32),
+               "resid": np.zeros(self.box // 2 + 1), "resid_n": np.zeros(self.box // 2 + 1),
+               "class_mass": np.zeros(self.k), "offset2": 0.0, "n": 0, "changed": 0,
+               "spread_rot": np.zeros(self.k), "spread_trans": np.zeros(self.k), "spread_n": np.zeros(self.k),
+               "size": size}
+        nb = -(-rows.size // opt.batch)
+        desc = f"{'iteration' if self.em else 'mini-batch'} {st.it}/{self.n_iter}"
+        for r, imgs in progress(self.src.batches(opt.batch, rows), nb, desc, "batch", quiet=nb < 4):
+            fixed = None if fixed_class is None else fixed_class[r]
+            self._estep(r, xp.asarray(imgs), sample, fixed, st, acc)
+        acc["g_half"] = xp.stack([g.friedel(acc["g_half"][h]) for h in (0, 1)])
+        acc["f_half"] = xp.stack([g.friedel(acc["f_half"][h], conjugate=False) for h in (0, 1)])
+        return acc
+
+    def _estep(self, rows: np.ndarray, imgs: Any, sample: dict[str, Any], fixed: np.ndarray | None, st: _State,
+               acc: dict[str, Any]) -> None:
+        """Coarse search, oversampled fine search, per-particle records and M-step sums for one batch."""
+        xp, opt, g = self.xp, self.opt, self.grids
+        size, mask2d, inv_s2 = sample["size"], sample["mask"], sample["inv_s2"]
+        mats, log_pi = sample["mats"], sample["log_pi"]
+        oc = len(mats)
+        b = rows.size
+        prev = self.offsets[rows]
+        centred = shift_images(imgs, xp.asarray(prev, dtype=xp.float32))
+        if opt.zero_mask:
+            centred = centred * self.mask2d
+        x = crop_half(centred_fft(centred, 2), size)
+        c = crop_half(self.ctf(rows, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
+        sc = self.shifts_coarse
+        logl = score_poses(x, c, sample["coarse"], sc, inv_s2, self.box, mask2d)  # (B, K oc, Tc)
+        prior = xp.broadcast_to(log_pi[None, :], (b, self.k))
+        if fixed is not None:
+            prior = xp.where(xp.arange(self.k)[None, :] == xp.asarray(fixed)[:, None], prior, -1e30)
+        tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)
+        s2 = 2 * st.sigma_offset**2
+        logl = logl + xp.repeat(prior, oc, axis=1)[:, :, None] - ((tot**2).sum(-1) / s2)[:, None, :]
+        sig = significant_posteriors(logl, opt.adaptive_fraction, self.maxsig)
+        del logl
+        # Oversampling: 8 finer orientations x 4 finer offsets around every significant coarse pose,
+        # the finer slices projected once per distinct orientation in the batch.
+        fine_id = sig.orient[:, None] * _N_CHILD + xp.arange(_N_CHILD)[None]  # (E, 8) over K oc 8
+        uniq, local = xp.unique(fine_id.ravel(), return_inverse=True)
+        local = local.reshape(fine_id.shape)
+        u = to_numpy(uniq)
+        cls_u = u // (_N_CHILD * oc)
+        rot_u = np.einsum("uij,ujk->uik", sample["children"][u % _N_CHILD], mats[(u // _N_CHILD) % oc])
+        fine = g.project(sample["grid"], cls_u, rot_u, size)
+        fs = FineSamples(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp)
+        cls_e = sig.orient // oc
+        t_abs = xp.asarray(sc, dtype=xp.float32)[sig.shift][:, None, :] + xp.asarray(self.shift_children,
+                                                                                     dtype=xp.float32)[None]
+        tot_f = xp.asarray(prev, dtype=xp.float32)[sig.image][:, None, :] + t_abs  # (E, 4, 2)
+        lf = fs.scores(sig.image, sig.shift, local) + log_pi[cls_e][:, None, None] \
+            - ((tot_f**2).sum(-1) / s2)[:, None, :]
+        pw, top, norm = normalise_per_image(xp, sig.image, lf.reshape(-1, _N_CHILD * 4), b)
+        best_local, best_off = self._record(rows, sig, pw, local, cls_u, rot_u, tot_f, cls_e, acc)
+        self.loglik[rows] = to_numpy(top + xp.log(norm)) - to_numpy(((xp.abs(fs.xm) ** 2) * fs.wm).sum(axis=1))
+        res = fs.best_residual_power(xp.asarray(best_off - prev, dtype=xp.float32), best_local)
+        n_sh = self.box // 2 + 1
+        acc["resid"] += to_numpy(xp.bincount(fs.shells, weights=res.sum(axis=0), minlength=n_sh + 1))[:n_sh]
+        acc["resid_n"] += b * to_numpy(xp.bincount(fs.shells, minlength=n_sh + 1))[:n_sh]
+        # M-step sums per (half set, fine orientation), then back-projected once per orientation.
+        n_u = u.size
+        gd = xp.zeros((2 * n_u, fs.xm.shape[1]), xp.complex64)
+        gw = xp.zeros((2 * n_u, fs.xm.shape[1]), xp.float32)
+        half = xp.asarray(rows % 2)[sig.image] * n_u
+        fs.accumulate(sig.image, sig.shift, half[:, None] + local, pw.reshape(-1, _N_CHILD, 4), gd, gw)
+        ops_t = np.swapaxes(self.sym_ops, 1, 2)
+        for h in (0, 1):
+            part = slice(h * n_u, (h + 1) * n_u)
+            gd[part] -= fs.pm * gw[part]  # residuals: sum w c (X - c A) / sigma2
+            sel = np.nonzero(to_numpy(gw[part].sum(axis=1)) > 0)[0]
+            per = max(1, 512 // len(ops_t))
+            for s in range(0, sel.size, per):  # bounded (slices x S^2) temporaries
+                pick = sel[s:s + per]
+                d_img = xp.zeros((pick.size, size, size // 2 + 1), xp.complex64)
+                w_img = xp.zeros((pick.size, size, size // 2 + 1), xp.float32)
+                d_img[:, mask2d] = gd[part][xp.asarray(pick)]
+                w_img[:, mask2d] = gw[part][xp.asarray(pick)]
+                # Symmetry: a slice at pose A of a symmetric map is one at A R_g^T for every operator.
+                rots = (rot_u[pick][:, None] @ ops_t[None]).reshape(-1, 3, 3)
+                g.insert(acc["g_half"][h], acc["f_half"][h], np.repeat(cls_u[pick], len(ops_t)), rots,
+                         xp.repeat(d_img, len(ops_t), axis=0), xp.repeat(w_img, len(ops_t), axis=0))
+
+    def _record(self, rows: np.ndarray, sig: Any, pw: Any, local: Any, cls_u: np.ndarray, rot_u: np.ndarray,
+                tot_f: Any, cls_e: Any, acc: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """Best pose, class, Pmax and posterior spreads of each particle; class masses."""
+        xp = self.xp
+        b = rows.size
+        img = sig.image
+        best_e, best_s = argmax_per_image(xp, img, pw, b)
+        j, s_idx = best_s // 4, best_s % 4
+        best_local = local[best_e, j]
+        bl = to_numpy(best_local)
+        best_cls, best_rot = cls_u[bl], rot_u[bl]
+        new_off = to_numpy(tot_f[best_e, s_idx])
+        img_np = to_numpy(img)
+        loc_np = to_numpy(local)
+        e = img_np.size
+        d_ang = to_numpy(angle_between(rot_u[loc_np].reshape(-1, 3, 3),
+                                       np.repeat(best_rot[img_np], _N_CHILD, axis=0))).reshape(e, _N_CHILD)
+        d_off = to_numpy(tot_f) - new_off[img_np][:, None, :]
+        pw_np = to_numpy(pw).reshape(e, _N_CHILD, 4)
+        rot2 = np.bincount(img_np, weights=(pw_np * (d_ang**2)[:, :, None]).sum((1, 2)), minlength=b)
+        tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
+        np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
+        np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
+        np.add.at(acc["spread_n"], best_cls, 1)
+        acc["changed"] += int((self.cls[rows] != best_cls).sum())
+        self.cls[rows], self.rot[rows], self.offsets[rows] = best_cls, best_rot, new_off
+        self.pmax[rows] = to_numpy(max_per_image(xp, img, pw, b))
+        self.nsig[rows] = to_numpy(sig.n_significant)
+        np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
+        acc["offset2"] += float((new_off**2).sum())
+        acc["n"] += b
+        return best_local, new_off
+
+    # -- maximisation -------------------------------------------------------------------------------
+    def maximise(self, st: _State, acc: dict[str, Any], it: int, full_pass: bool) -> None:
+        """Other parameters (running averages), one VDAM (or EM) step of the maps, auto-sampling."""
+        xp, g, opt = self.xp, self.grids, self.opt
+        mu = 0.0 if (full_pass or self.em) else 0.9
+        n = max(acc["n"], 1)
+        pi_prev = st.pi.copy()
+        st.changes_classes = acc["changed"] / n
+        st.pi = mu * st.pi + (1 - mu) * acc["class_mass"] / n
+        st.pi /= max(st.pi.sum(), 1e-30)
+        valid = acc["resid_n"] > 0
+        st.sigma2[valid] = mu * st.sigma2[valid] + (1 - mu) * acc["resid"][valid] / acc["resid_n"][valid]
+        st.sigma_offset = max(0.5, math.sqrt(mu * st.sigma_offset**2 + (1 - mu) * acc["offset2"] / (2 * n)))
+        seen = acc["spread_n"] > 0
+        st.acc_rot[seen] = acc["spread_rot"][seen] / acc["spread_n"][seen]
+        st.acc_trans[seen] = acc["spread_trans"][seen] / acc["spread_n"][seen]
+        radius = acc["size"] / 2
+        v = g.transform(st.refs, gridding_correction=False)
+        direction = update_moments(g, acc["g_half"], acc["f_half"], st.mom, self.floor, em=self.em)
+        tau2 = opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(it)
+        # RELION's estimate from the moments, capped by what the half sets' own data support (see
+        # half_set_fsc; EM uses the latter alone, a Wiener filter of the data average).
+        fsc = half_set_fsc(g, v, acc["g_half"], acc["f_half"], self.floor, tau2, radius)
+        if not self.em:
+            fsc = xp.minimum(fsc, fsc_weights(g, v, st.mom, tau2, radius))
+        eta = np.ones(self.k) if self.em else class_steps(self.schedule.step(it), st.pi)
+        skip: list[int] = []
+        if not self.em and opt.class_inactivity_threshold > 0 and self.schedule.replacing(it):
+            skip = self.replace_class(st, v, direction, fsc, pi_prev, radius)
+        v = apply_step(g, v, direction, fsc, eta, radius, skip)
+        refs = g.images(v)
+        st.refs = refs * self.mask3d if opt.flatten_solvent else refs
+        st.fsc = to_numpy(fsc)
+        covered = (acc["f_half"].sum(axis=0) > 0).astype(xp.float32)
+        shells = g.shell_index()
+        st.completeness = to_numpy(shell_means(covered, shells, self.box // 2 + 2, shells <= self.box // 2 + 1))
+        active = st.pi > 0.5 / (self.k * n) if self.k > 1 else np.ones(1, bool)
+        res_shells = [self.resolved_shell(st, k) for k in np.nonzero(active)[0]]
+        st.resolution_shell = max(5, max(res_shells, default=5))
+        st.avg_pmax = float(self.pmax[self.pmax > 0].mean()) if bool((self.pmax > 0).any()) else 0.0
+        st.loglik = float(self.loglik.sum())
+        if it % 10 == 0:
+            self.auto_sampling(st)
+
+    def auto_sampling(self, st: _State) -> None:
+        """RELION's rule, checked every 10 mini-batches: one HEALPix order finer when the resolution
+        has not improved and the orientations are known better than the finer grid can tell."""
+        accuracy = float(np.sum(st.pi * st.acc_rot))
+        finer = angular_step(st.order + 1)
+        if (st.order < self.opt.max_healpix_order and st.resolution_shell <= st.checked_shell
+                and finer > 0.75 * accuracy):
+            st.order += 1
+            log.info("  sampling: HEALPix order %d (%.1f° coarse, %.2f° after oversampling)", st.order,
+                     angular_step(st.order), angular_step(st.order) / 2)
+        st.checked_shell = st.resolution_shell
+
+    def resolved_shell(self, st: _State, k: int) -> int:
+        """Last shell of class ``k`` before its SNR estimate drops below 1 (FSC weight 0.5)."""
+        return resolution_at(st.fsc[k], self.box, self.px, 0.5).shell
+
+    def replace_class(self, st: _State, v: Any, direction: Any, fsc: Any, pi_prev: np.ndarray,
+                      radius: float) -> list[int]:
+        """RELION's class replacement: the emptiest class becomes a copy of the busiest one, if tiny."""
+        k_active = int((pi_prev > 0).sum())
+        a = int(np.argmin(pi_prev))
+        b = int(np.argmax(st.pi * direction_power(self.grids, direction, radius)))
+        if a == b or k_active == 0 or pi_prev[a] >= self.opt.class_inactivity_threshold / k_active:
+            return []
+        v[a] = v[b]
+        st.mom.m[:, a] = st.mom.m[:, b]
+        st.mom.m[0, a] *= 0.9
+        st.mom.u[a] = st.mom.u[b]
+        fsc[a] = fsc[b]
+        st.pi[a] = st.pi[b]
+        st.pi /= st.pi.sum()
+        log.info("  class %d (%.2f%% of the particles) replaced by a copy of class %d", a + 1, 100 * pi_prev[a],
+                 b + 1)
+        return [a]
+
+    # -- files ------------------------------------------------------------------------------------
+    def write(self, st: _State, it: int) -> Path:
+        """RELION's run_itNNN_* files and the slices PNG; the optimiser file last, as the mark of a
+        complete iteration."""
+        from .plots import plot_class_slices
+
+        root = self.out / f"run_it{it:03d}"
+        refs = to_numpy(st.refs)
+        for k in range(self.k):
+            write_map(f"{root}_class{k + 1:03d}.mrc", refs[k], self.px)
+        if not self.em:
+            core = (slice(None),) + self.grids.core
+            m = to_numpy(st.mom.m[(slice(None),) + core]).reshape(2 * self.k, *self.grids.core_shape)
+            u = to_numpy(st.mom.u[core])
+            for j in range(2 * self.k):  # RELION's layout: unshifted, complex interleaved along x
+                write_map(f"{root}_1moment{j + 1:03d}.mrc", interleave_complex(np.fft.ifftshift(m[j], axes=(0, 1))),
+                          self.px)
+            for k in range(self.k):
+                write_map(f"{root}_2moment{k + 1:03d}.mrc", np.fft.ifftshift(u[k], axes=(0, 1)), self.px)
+        self.write_data(Path(f"{root}_data.star"))
+        self.write_model(st, Path(f"{root}_model.star"), root.name)
+        write_star(Path(f"{root}_sampling.star"), {"sampling_general": {
+            "rlnHealpixOrder": st.order, "rlnPsiStep": angular_step(st.order), "rlnSymmetryGroup": self.opt.sym,
+            "rlnOffsetRange": self.opt.offset_range * self.px, "rlnOffsetStep": self.opt.offset_step * self.px,
+            "rlnHealpixOrderOriginal": self.opt.healpix_order}})
+        slices = plot_class_slices(refs, st.pi, self.out / f"run_it{it:03d}_slices.png",
+                                   title=f"{self.k} classes after {it} {'iterations' if self.em else 'mini-batches'}"
+                                         f" ({self.box * self.px / st.resolution_shell:.1f} Å)")
+        self.write_optimiser(st, it, Path(f"{root}_optimiser.star"), root.name)
+        return slices
+
+    def write_data(self, path: Path) -> None:
+        df = self.table.data.copy()
+        for c in ("rlnOriginX", "rlnOriginY"):
+            if c in df.columns:
+                df = df.drop(columns=c)
+        rot, tilt, psi = matrix_to_euler(self.rot)
+        df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = rot, tilt, psi
+        df["rlnOriginXAngst"] = self.offsets[:, 0] * self.px
+        df["rlnOriginYAngst"] = self.offsets[:, 1] * self.px
+        df["rlnClassNumber"] = self.cls + 1
+        df["rlnNormCorrection"] = 1.0
+        df["rlnLogLikeliContribution"] = self.loglik
+        df["rlnMaxValueProbDistribution"] = self.pmax
+        df["rlnNrOfSignificantSamples"] = self.nsig
+        if "rlnGroupNumber" not in df.columns:
+            df["rlnGroupNumber"] = df["rlnOpticsGroup"].astype(int)
+        write_star(path, {"optics": self.table.optics, "particles": df})
+
+    def write_model(self, st: _State, path: Path, root: str) -> None:
+        n_sh = self.box // 2 + 1
+        shells = np.arange(n_sh)
+        res_a = np.where(shells > 0, self.box * self.px / np.maximum(shells, 1), 999.0)
+        general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
+                   "rlnCurrentResolution": self.box * self.px / st.resolution_shell,
+                   "rlnCurrentImageSize": self.current_size(st), "rlnPaddingFactor": self.opt.pad,
+                   "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+                   "rlnPixelSize": self.px, "rlnNrClasses": self.k, "rlnNrBodies": 1, "rlnNrGroups": 1,
+                   "rlnNrOpticsGroups": len(self.table.optics),
+                   "rlnTau2FudgeFactor": self.opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(st.it),
+                   "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
+                   "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
+                   "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": st.loglik, "rlnAveragePmax": st.avg_pmax}
+        ssnr = st.fsc[:, :n_sh] / np.maximum(1 - st.fsc[:, :n_sh], 1e-6)
+        resolved = [max(self.resolved_shell(st, k), 1) for k in range(self.k)]
+        classes = pd.DataFrame({
+            "rlnReferenceImage": [f"{self.out / root}_class{k + 1:03d}.mrc" for k in range(self.k)],
+            "rlnClassDistribution": st.pi,
+            "rlnAccuracyRotations": st.acc_rot,
+            "rlnAccuracyTranslationsAngst": st.acc_trans * self.px,
+            "rlnEstimatedResolution": [self.box * self.px / r for r in resolved],
+            "rlnOverallFourierCompleteness": [st.completeness[k, 1:r + 1].mean() for k, r in enumerate(resolved)],
+        })
+        if not self.em:
+            classes.insert(1, "rlnGradMoment1", [f"{self.out / root}_1moment{k + 1:03d}.mrc" for k in range(self.k)])
+            classes.insert(2, "rlnGradMoment2", [f"{self.out / root}_2moment{k + 1:03d}.mrc" for k in range(self.k)])
+        blocks: dict[str, Any] = {"model_general": general, "model_classes": classes}
+        power = np.abs(to_numpy(self.grids.transform(st.refs, False))) ** 2
+        tau2 = to_numpy(shell_curve(power, self.grids, n_sh))
+        for k in range(self.k):
+            blocks[f"model_class_{k + 1}"] = pd.DataFrame({
+                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
+                "rlnAngstromResolution": res_a, "rlnSsnrMap": ssnr[k], "rlnGoldStandardFsc": 0.0,
+                "rlnFourierCompleteness": st.completeness[k, :n_sh], "rlnReferenceSigma2": 0.0,
+                "rlnReferenceTau2": tau2[k], "rlnSpectralOrientabilityContribution": 0.0})
+        blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": [1], "rlnGroupName": ["group_1"],
+                                               "rlnGroupNrParticles": [self.n], "rlnGroupScaleCorrection": [1.0]})
+        for og in self.table.optics["rlnOpticsGroup"].astype(int):
+            blocks[f"model_optics_group_{og}"] = pd.DataFrame({
+                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
+                "rlnSigma2Noise": st.sigma2})
+        write_star(path, blocks)
+
+    def write_optimiser(self, st: _State, it: int, path: Path, root: str) -> None:
+        opt, sch = self.opt, self.schedule
+        general = {"rlnOutputRootName": str(self.out / "run"), "rlnModelStarFile": f"{self.out / root}_model.star",
+                   "rlnExperimentalDataStarFile": f"{self.out / root}_data.star",
+                   "rlnOrientSamplingStarFile": f"{self.out / root}_sampling.star", "rlnCurrentIteration": it,
+                   "rlnNumberOfIterations": self.n_iter, "rlnDoSplitRandomHalves": 0,
+                   "rlnDoGradientRefine": int(not self.em), "rlnDoStochasticGradientDescent": 0,
+                   "rlnGradEmIters": 0, "rlnGradHasConverged": int(it >= self.n_iter),
+                   "rlnGradCurrentStepsize": 1.0 if self.em else sch.step(max(it, 1)),
+                   "rlnSgdInitialIterationsFraction": sch.ini_frac, "rlnSgdFinalIterationsFraction": sch.fin_frac,
+                   "rlnSgdInitialSubsetSize": sch.ini_subset, "rlnSgdFinalSubsetSize": sch.fin_subset,
+                   "rlnSgdMuFactor": 0.9, "rlnSgdStepsize": sch.stepsize, "rlnSgdStepsizeScheme": "",
+                   "rlnTau2FudgeArg": opt.tau2_fudge, "rlnTau2FudgeScheme": "",
+                   "rlnSgdWriteEverySubset": opt.write_every,
+                   "rlnSgdClassInactivityThreshold": opt.class_inactivity_threshold,
+                   "rlnMaximumSignificantPoses": self.maxsig, "rlnParticleDiameter": opt.particle_diameter,
+                   "rlnRandomSeed": opt.seed, "rlnDoCtfCorrection": int(opt.ctf), "rlnDoZeroMask": int(opt.zero_mask),
+                   "rlnDoSolventFlattening": int(opt.flatten_solvent), "rlnAdaptiveOversampleFraction":
+                   opt.adaptive_fraction, "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
+                   "rlnDoCorrectCtf": int(opt.ctf), "rlnRefsAreCtfCorrected": 1, "rlnCtfDataArePhaseFlipped": 0,
+                   "rlnDoCorrectNorm": 0, "rlnDoCorrectScale": 0, "rlnDoAutoRefine": 0, "rlnDoMapEstimation": 1,
+                   "rlnDoSkipAlign": 0, "rlnDoSkipRotate": 0, "rlnDoStochasticEM": 0,
+                   "rlnHasConverged": int(it >= self.n_iter), "rlnIncrementImageSize": 10, "rlnWidthMaskEdge": 5,
+                   "rlnHighresLimitExpectation": -1.0, "rlnChangesOptimalClasses": st.changes_classes,
+                   "rlnOverallAccuracyRotations": float(np.sum(st.pi * st.acc_rot)),
+                   "rlnOverallAccuracyTranslationsAngst": float(np.sum(st.pi * st.acc_trans)) * self.px,
+                   "rlnAlgorithm": opt.algorithm, "rlnSymmetryGroup": opt.sym,
+                   "rlnDenovo3DRef": int(opt.ref is None)}
+        write_star(path, {"optimiser_general": general})
+
+    def resume(self) -> _State | None:
+        """The state after the last fully written iteration, or None if there is none."""
+        done = sorted(self.out.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
+        if not done:
+            return None
+        opt_star = done[-1]
+        it = int(re.search(r"run_it(\d{3})_", opt_star.name).group(1))
+        general = read_star(opt_star)["optimiser_general"].iloc[0]
+        if str(general.get("rlnAlgorithm", self.opt.algorithm)) != self.opt.algorithm:
+            raise InputError(opt_star, f"was written by --algorithm {general['rlnAlgorithm']}",
+                             "continue with the same algorithm, or use a new output directory")
+        root = self.out / f"run_it{it:03d}"
+        model = read_star(f"{root}_model.star")
+        classes = model["model_classes"]
+        if len(classes) != self.k:
+            raise InputError(Path(f"{root}_model.star"), f"has {len(classes)} classes, --K is {self.k}",
+                             "continue with the same --K")
+        xp, g = self.xp, self.grids
+        refs = np.stack([read_map(f"{root}_class{k + 1:03d}.mrc")[0] for k in range(self.k)])
+        mom = Moments.empty(g)
+        if not self.em:
+            core = (slice(None),) + g.core
+            m1 = np.stack([deinterleave_complex(read_map(f"{root}_1moment{j + 1:03d}.mrc")[0])
+                           for j in range(2 * self.k)])
+            mom.m[(slice(None),) + core] = xp.asarray(np.fft.fftshift(m1, axes=(1, 2)).reshape(
+                2, self.k, *g.core_shape))
+            m2 = np.stack([read_map(f"{root}_2moment{k + 1:03d}.mrc")[0] for k in range(self.k)])
+            mom.u[core] = xp.asarray(np.fft.fftshift(m2, axes=(1, 2)))
+        general_m = model["model_general"].iloc[0]
+        sigma2 = model[f"model_optics_group_{int(self.table.optics['rlnOpticsGroup'].iloc[0])}"]
+        order = int(read_star(f"{root}_sampling.star")["sampling_general"].iloc[0]["rlnHealpixOrder"])
+        shell = max(5, round(self.box * self.px / float(general_m["rlnCurrentResolution"])))
+        z = np.zeros((self.k, self.box // 2 + 2))
+        st = _State(it, xp.asarray(refs), mom, np.array(classes["rlnClassDistribution"], dtype=float),
+                    np.array(sigma2["rlnSigma2Noise"], dtype=float),
+                    float(general_m["rlnSigmaOffsetsAngst"]) / self.px, shell, order, z.copy(),
+                    np.array(classes["rlnAccuracyRotations"], dtype=float),
+                    np.array(classes["rlnAccuracyTranslationsAngst"], dtype=float) / self.px, z.copy(),
+                    checked_shell=shell)
+        for k in range(self.k):
+            curve = model[f"model_class_{k + 1}"]["rlnSsnrMap"].to_numpy(float)
+            st.fsc[k, : curve.size] = curve / (1 + curve)
+        data = read_particles(f"{root}_data.star").data
+        if len(data) != self.n:
+            raise InputError(Path(f"{root}_data.star"), f"has {len(data)} particles, the input has {self.n}",
+                             "continue with the same --i")
+        from .geometry import euler_to_matrix
+
+        self.cls = np.array(data["rlnClassNumber"], dtype=int) - 1
+        self.rot = euler_to_matrix(*(data[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+        self.offsets = np.stack([data["rlnOriginXAngst"], data["rlnOriginYAngst"]], 1).astype(float) / self.px
+        self.pmax = np.array(data["rlnMaxValueProbDistribution"], dtype=float)
+        self.nsig = np.array(data["rlnNrOfSignificantSamples"], dtype=int)
+        self.loglik = np.array(data["rlnLogLikeliContribution"], dtype=float)
+        log.info("continuing from iteration %d", it)
+        return st
+
+
+def _finish_initial_model(c: _Classifier, st: _State) -> tuple[Path, float | None]:
+    """``initial_model.mrc``: the most populated class, aligned to ``align_sym``'s axes and symmetrised
+    (RELION's ``relion_align_symmetry --select_largest_class --apply_sym``)."""
+    from .symmetry import symmetrise_map
+    from .symmetry_align import align_symmetry
+
+    opt = c.opt
+    best = int(np.argmax(st.pi))
+    vol = to_numpy(st.refs[best])
+    score = None
+    if group_order(opt.align_sym) > 1:
+        res = align_symmetry(vol, c.px, opt.align_sym, diameter=opt.particle_diameter)
+        vol, score = symmetrise_map(res.aligned, opt.align_sym), res.score
+        log.info("class %d (%.1f%%) aligned to %s: CC with its symmetrised self %.3f%s", best + 1,
+                 100 * st.pi[best], opt.align_sym, score, " (low: is it really this symmetric?)" if score < 0.8 else "")
+    else:
+        log.info("initial model: class %d (%.1f%% of the particles)", best + 1, 100 * st.pi[best])
+    out = c.out / "initial_model.mrc"
+    write_map(out, vol, c.px)
+    return out, score
+
+
+def class3d(opt: Class3DOptions) -> Class3DResult:
+    """Run 3D classification (VDAM mini-batches or EM) and write RELION's InitialModel/Class3D outputs."""
+    c = _Classifier(opt)
+    st = c.resume() if opt.resume else None
+    if st is None:
+        st = c.initial_state()
+        slices = c.write(st, 0)
+    else:
+        slices = c.out / f"run_it{st.it:03d}_slices.png"
+    what = "initial model" if opt.ref is None else "3D classification"
+    log.info("%s (%s): %d particles, K = %d, box %d, %.3f Å/px, %d %s, symmetry %s", what, opt.algorithm.upper(),
+             c.n, c.k, c.box, c.px, c.n_iter, "iterations" if c.em else "mini-batches", opt.sym)
+    fixed = np.random.default_rng([opt.seed, 1]).integers(0, c.k, c.n) if opt.ref is not None and c.k > 1 else None
+    while st.it < c.n_iter:
+        it = st.it + 1
+        st.it = it
+        if c.em:
+            rows, full = np.arange(c.n), True
+        else:
+            size = c.schedule.subset_size(it, c.k)
+            rows = np.sort(np.random.default_rng(opt.seed + it).permutation(c.n)[:size])
+            full = size >= c.n
+        t0 = time.perf_counter()
+        acc = c.iterate(st, rows, fixed if it == 1 else None)
+        c.maximise(st, acc, it, full)
+        if c.em or it % opt.write_every == 0 or it == c.n_iter or full:
+            slices = c.write(st, it)
+        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d), HEALPix order %d, classes %s, mean Pmax "
+                 "%.3f, %.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
+                 c.box * c.px / st.resolution_shell, acc["size"], st.order,
+                 " ".join(f"{100 * p:.0f}%" for p in st.pi), float(c.pmax[rows].mean()), time.perf_counter() - t0)
+    root = c.out / f"run_it{st.it:03d}"
+    result = Class3DResult([Path(f"{root}_class{k + 1:03d}.mrc") for k in range(c.k)], Path(f"{root}_model.star"),
+                           Path(f"{root}_data.star"), slices, st.it, st.pi, c.box * c.px / st.resolution_shell)
+    if opt.ref is None:
+        result.initial_model, result.symmetry_score = _finish_initial_model(c, st)
+    return result
