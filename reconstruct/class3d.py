@@ -454,7 +454,8 @@ class _Classifier:
         tau2 = opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(it)
         # RELION's estimate from the moments, capped by what the half sets' own data support (see
         # half_set_fsc; EM uses the latter alone, a Wiener filter of the data average).
-        fsc = half_set_fsc(g, v, acc["g_half"], acc["f_half"], self.floor, tau2, radius)
+        fsc = half_set_fsc(g, v, acc["g_half"], acc["f_half"], self.floor, tau2, radius,
+                           None if self.em else st.mom)
         if not self.em:
             fsc = xp.minimum(fsc, fsc_weights(g, v, st.mom, tau2, radius))
         eta = np.ones(self.k) if self.em else class_steps(self.schedule.step(it), st.pi)

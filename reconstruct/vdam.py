@@ -200,7 +200,7 @@ def fsc_weights(grids: Any, v: Any, mom: Moments, tau2_fudge: float, radius: flo
 
 
 def half_set_fsc(grids: Any, v: Any, g_half: Any, f_half: Any, floor: float, tau2_fudge: float,
-                 radius: float) -> Any:
+                 radius: float, moments: Moments | None = None) -> Any:
     """Per class and shell, an FSC weight from the two half sets' own data (K, N/2+2).
 
     Each half set's data average is A_h = V + G_h / F_h (the reference cancels where F_h is above the
@@ -213,8 +213,11 @@ def half_set_fsc(grids: Any, v: Any, g_half: Any, f_half: Any, floor: float, tau
     n_shells = grids.box // 2 + 2
     shells = grids.shell_index()
     both = (f_half[0] > floor) & (f_half[1] > floor)
-    a1 = xp.where(both, v + g_half[0] / xp.maximum(f_half[0], floor), 0)
-    a2 = xp.where(both, v + g_half[1] / xp.maximum(f_half[1], floor), 0)
+    if moments is None:
+        a1 = xp.where(both, v + g_half[0] / xp.maximum(f_half[0], floor), 0)
+        a2 = xp.where(both, v + g_half[1] / xp.maximum(f_half[1], floor), 0)
+    else:
+        a1, a2 = xp.where(both, v + moments.m[0], 0), xp.where(both, v + moments.m[1], 0)
     inside = shells <= radius
     cross = shell_means((a1 * xp.conj(a2)).real, shells, n_shells, inside)
     p1 = shell_means(xp.abs(a1) ** 2, shells, n_shells, inside)
