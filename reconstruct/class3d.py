@@ -200,15 +200,15 @@ class _Classifier:
                                      tau2_fudge=opt.tau2_fudge, kind=kind)
         self.shifts_coarse = translations(opt.offset_range, opt.offset_step)
         self.shift_children = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * (0.25 * opt.offset_step)
-        data = self.table.data
         self.cls = np.arange(self.n) % self.k
         self.rot = np.tile(np.eye(3), (self.n, 1, 1))
         self.offsets = np.zeros((self.n, 2)) if opt.ref is None else np.array(origins_px(self.table, self.px))
         self.pmax = np.zeros(self.n)
         self.nsig = np.zeros(self.n, dtype=int)
         self.loglik = np.zeros(self.n)
-        self.floor = float(self.box) ** -6  # RELION's F floor of 1 (FFT / N^3) in our unnormalised units
-        del data
+        # RELION's F floor of 1: F sums c^2 / sigma2 of 2D image transforms, which RELION normalises by
+        # 1/N^2 and we do not, so its 1 is our N^-4 (as in 2D).
+        self.floor = float(self.box) ** -4
 
     # -- set-up ---------------------------------------------------------------------------------
     def initial_state(self) -> _State:

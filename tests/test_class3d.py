@@ -13,7 +13,7 @@ from reconstruct.cli import main as reconstruct_main
 from reconstruct.files import read_particles
 from reconstruct.files.mrc import read_map, write_map
 from reconstruct.fourier import lowpass_filter
-from reconstruct.fsc import fsc, resolution_at
+from reconstruct.fsc import resolution_at
 from reconstruct.geometry import angle_between
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 from reconstruct.simulate.scoring import classification_quality, truth_labels
