@@ -33,7 +33,9 @@ MODELS = (HERE.parent / "tests/data/4ake_adk_open.pdb.gz", HERE.parent / "tests/
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4000)
-    p.add_argument("--box", type=int, default=40)
+    p.add_argument("--box", type=int, default=48)
+    p.add_argument("--particle_diameter", type=float, default=84.0,
+                   help="mask diameter (Å): the open state's LID and NMP domains reach ~70 Å")
     p.add_argument("--angpix", type=float, default=2.0)
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--iter", type=int, default=25, help="EM iterations")
@@ -43,6 +45,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = HERE / "out/class3d"
     params = {k: getattr(args, k) for k in ("n", "box", "angpix", "snr")}
+    if args.particle_diameter > args.box * args.angpix:
+        p.error("--particle_diameter is larger than the box")
     stamp = out / "simulation.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
         out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,7 @@ def main() -> None:
         stamp.write_text(json.dumps(params))
     t = time.perf_counter()
     res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / "Class3D/job001",
-                                 particle_diameter=0.8 * args.box * args.angpix, ref=out / "consensus.mrc",
+                                 particle_diameter=args.particle_diameter, ref=out / "consensus.mrc",
                                  n_classes=2, algorithm="em", n_iter=args.iter, ini_high=args.ini_high,
                                  stepsize=1.0, inflate=1.0, gpu=args.gpu, project_dir=out))
     wall = time.perf_counter() - t
@@ -62,7 +66,8 @@ def main() -> None:
     dev = "GPU" if args.gpu else "CPU (2 cores)"
     table = "\n".join([
         "# 3D classification: adenylate kinase open vs closed", "",
-        f"{args.n} particles (50% 4AKE open, 50% 1AKE closed), box {args.box}, {args.angpix} Å/px, SNR {args.snr}; "
+        f"{args.n} particles (50% 4AKE open, 50% 1AKE closed), box {args.box}, {args.angpix} Å/px, SNR {args.snr}, "
+        f"mask {args.particle_diameter:g} Å; "
         f"reference: the average of both states low-passed to {args.ini_high:g} Å; `reconstruct class3d` EM, K 2, "
         f"{args.iter} iterations, on {dev}.", "",
         f"    python benchmarks/bench_class3d.py --n {args.n} --snr {args.snr} --iter {args.iter}", "",
