@@ -479,11 +479,11 @@ class _Classifier:
 
     def auto_sampling(self, st: _State) -> None:
         """RELION's rule, checked every 10 mini-batches: one HEALPix order finer when the resolution
-        has not improved and the orientations are known better than the finer grid can tell."""
+        has not improved and the current angular step is not already below 0.75x the orientations'
+        estimated accuracy."""
         accuracy = float(np.sum(st.pi * st.acc_rot))
-        finer = angular_step(st.order + 1)
         if (st.order < self.opt.max_healpix_order and st.resolution_shell <= st.checked_shell
-                and finer > 0.75 * accuracy):
+                and angular_step(st.order) >= 0.75 * accuracy):
             st.order += 1
             log.info("  sampling: HEALPix order %d (%.1f° coarse, %.2f° after oversampling)", st.order,
                      angular_step(st.order), angular_step(st.order) / 2)

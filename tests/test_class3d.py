@@ -45,7 +45,7 @@ def test_initial_model_from_blobs_finds_the_shape_and_resumes(cftr_small, monkey
     monkeypatch.chdir(root)
     args = ["initialmodel", "--i", "Extract/job001/particles.star", "--o", "InitialModel/job002",
             "--particle_diameter", "170", "--iter", "40", "--grad_ini_subset", "200", "--grad_fin_subset", "600",
-            "--random_seed", "1"]
+            "--random_seed", "1", "--max_healpix_order", "1"]
     assert reconstruct_main(args) == 0
     out = root / "InitialModel/job002"
     model, px = read_map(out / "initial_model.mrc")
