@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from scipy.spatial.transform import Rotation
 
 from .backend import get_xp, to_numpy
 from .class_grids import ClassGrids
+from .class_model_star import write_class_model
 from .files.errors import InputError
 from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_map
 from .files.stack import ImageSource
@@ -562,48 +562,17 @@ class _Classifier:
         write_star(path, {"optics": self.table.optics, "particles": df})
 
     def write_model(self, st: _State, path: Path, root: str) -> None:
-        n_sh = self.box // 2 + 1
-        shells = np.arange(n_sh)
-        res_a = np.where(shells > 0, self.box * self.px / np.maximum(shells, 1), 999.0)
-        general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
-                   "rlnCurrentResolution": self.box * self.px / st.resolution_shell,
-                   "rlnCurrentImageSize": self.current_size(st), "rlnPaddingFactor": self.opt.pad,
-                   "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
-                   "rlnPixelSize": self.px, "rlnNrClasses": self.k, "rlnNrBodies": 1, "rlnNrGroups": 1,
-                   "rlnNrOpticsGroups": len(self.table.optics),
-                   "rlnTau2FudgeFactor": self.opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(st.it),
-                   "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
-                   "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
-                   "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": st.loglik, "rlnAveragePmax": st.avg_pmax}
-        ssnr = st.fsc[:, :n_sh] / np.maximum(1 - st.fsc[:, :n_sh], 1e-6)
-        resolved = [max(self.resolved_shell(st, k), 1) for k in range(self.k)]
-        classes = pd.DataFrame({
-            "rlnReferenceImage": [f"{self.out / root}_class{k + 1:03d}.mrc" for k in range(self.k)],
-            "rlnClassDistribution": st.pi,
-            "rlnAccuracyRotations": st.acc_rot,
-            "rlnAccuracyTranslationsAngst": st.acc_trans * self.px,
-            "rlnEstimatedResolution": [self.box * self.px / r for r in resolved],
-            "rlnOverallFourierCompleteness": [st.completeness[k, 1:r + 1].mean() for k, r in enumerate(resolved)],
-        })
-        if not self.em:
-            classes.insert(1, "rlnGradMoment1", [f"{self.out / root}_1moment{k + 1:03d}.mrc" for k in range(self.k)])
-            classes.insert(2, "rlnGradMoment2", [f"{self.out / root}_2moment{k + 1:03d}.mrc" for k in range(self.k)])
-        blocks: dict[str, Any] = {"model_general": general, "model_classes": classes}
         power = np.abs(to_numpy(self.grids.transform(st.refs, False))) ** 2
-        tau2 = to_numpy(shell_curve(power, self.grids, n_sh))
-        for k in range(self.k):
-            blocks[f"model_class_{k + 1}"] = pd.DataFrame({
-                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
-                "rlnAngstromResolution": res_a, "rlnSsnrMap": ssnr[k], "rlnGoldStandardFsc": 0.0,
-                "rlnFourierCompleteness": st.completeness[k, :n_sh], "rlnReferenceSigma2": 0.0,
-                "rlnReferenceTau2": tau2[k], "rlnSpectralOrientabilityContribution": 0.0})
-        blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": [1], "rlnGroupName": ["group_1"],
-                                               "rlnGroupNrParticles": [self.n], "rlnGroupScaleCorrection": [1.0]})
-        for og in self.table.optics["rlnOpticsGroup"].astype(int):
-            blocks[f"model_optics_group_{og}"] = pd.DataFrame({
-                "rlnSpectralIndex": shells, "rlnResolution": shells / (self.box * self.px),
-                "rlnSigma2Noise": st.sigma2})
-        write_star(path, blocks)
+        write_class_model(path, st, ndim=3, box=self.box, pixel_size=self.px, pad=self.opt.pad,
+                          current_size=self.current_size(st),
+                          tau2_fudge=self.opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(st.it),
+                          optics=self.table.optics, n_particles=self.n,
+                          resolved=[max(self.resolved_shell(st, k), 1) for k in range(self.k)],
+                          references=[f"{self.out / root}_class{k + 1:03d}.mrc" for k in range(self.k)],
+                          moments=None if self.em else (
+                              [f"{self.out / root}_1moment{k + 1:03d}.mrc" for k in range(self.k)],
+                              [f"{self.out / root}_2moment{k + 1:03d}.mrc" for k in range(self.k)]),
+                          tau2=to_numpy(shell_curve(power, self.grids, self.box // 2 + 1)))
 
     def write_optimiser(self, st: _State, it: int, path: Path, root: str) -> None:
         opt, sch = self.opt, self.schedule
