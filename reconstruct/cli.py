@@ -642,7 +642,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=16, help="frames per movie (movies only)")
     s.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic for a seed)")
     s.set_defaults(func=_cmd_simulate)
+    for register in _job_registrars():
+        register(sub)
     return p
+
+
+def _job_registrars() -> list[Any]:
+    """Subcommands whose drivers define their own parser (the pre-processing jobs)."""
+    from . import autopick_job, ctffind_job, extract_job, import_job, select_job
+
+    return [import_job.register, ctffind_job.register, select_job.register, autopick_job.register,
+            extract_job.register]
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

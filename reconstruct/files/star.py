@@ -137,7 +137,8 @@ def _legacy_to_optics(df: pd.DataFrame, block: str, path: Path) -> tuple[pd.Data
 
 
 # Labels whose values are text; every other rln label RELION defines here is numeric.
-_TEXT_LABELS = ("Name", "FileName", "Image", "Micrograph", "Movie", "Coordinates", "GroupName", "Metadata")
+_TEXT_LABELS = ("Name", "FileName", "Image", "Micrograph", "Movie", "Coordinates", "GroupName", "Metadata",
+               "PowerSpectrum", "Symmetry", "Label")
 
 
 def _check_numeric(df: pd.DataFrame, block: str, path: Path) -> pd.DataFrame:
