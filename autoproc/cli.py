@@ -106,6 +106,9 @@ def _cmd_run(a: argparse.Namespace) -> None:
 
     runner = make_runner(_execution(a))
     outcome = run_schemes(project, input_complete=input_complete, runner=runner)
+    from .report import refresh_report
+
+    refresh_report(project, active=False)
     if download is not None and download.error is not None:
         print(f"autoproc run: the download stopped early: {download.error}", file=sys.stderr)
     print(status_text(project))
@@ -119,6 +122,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
                   "see 'autoproc status' and the jobs' run.err", file=sys.stderr)
             raise SystemExit(1)
         r = compare_with_truth(project, maps[-1])
+        refresh_report(project, active=False)
         print(f"refined map {r.map}: FSC with the truth 0.5 at {r.resolution_fsc05:.1f} Å, "
               f"0.143 at {r.resolution_fsc0143:.1f} Å (CC {r.correlation:.3f}); details in {project}/demo_result.json")
 
@@ -231,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--scheme", action="append", choices=("prep", "proc"), help="only this scheme")
         s.set_defaults(func=func)
     from .empiar import register as register_empiar
+    from .report import register as register_report
 
     register_empiar(sub)
+    register_report(sub)
     s = sub.add_parser("demo-data", formatter_class=HELP_FORMAT,
                        help="write the built-in simulated data set (CFTR movies with known truth)",
                        description="Simulate micrograph movies of CFTR (PDB 6MSM, shipped with the package) "

@@ -18,8 +18,8 @@ from reconstruct.simulate import MovieSimulation, atomic_model_map, simulate_mov
 from .shipped_schemes import Settings
 
 DEMO_MODEL = "6msm.pdb.gz"
-DEMO = MovieSimulation(n_movies=8, size=768, pixel_size=1.5, n_frames=16, particles_per_movie=40,
-                       particle_diameter=130.0, snr=0.08, seed=10288)
+DEMO = MovieSimulation(n_movies=12, size=1024, pixel_size=1.5, n_frames=16, particles_per_movie=70,
+                       particle_diameter=130.0, snr=0.12, ice=2.0, float16=True, seed=10288)
 TRUTH_BOX = 128  # map box at the movie pixel size: 192 Å, larger than CFTR's ~130 Å
 
 

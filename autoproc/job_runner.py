@@ -190,6 +190,7 @@ def execute(project: Path, run: JobRun, abort_files: Sequence[Path] = (),
         pipe.set_status(run.name, "Running")
         pipe.connect(run.name, [(p, pipe.nodes.get(p, _guess_label(p))) for p in run.job_type.inputs(run.options)],
                      outputs)
+    _refresh_report(project)
     try:
         runner(commands, project, job_dir, [job_dir / ABORT_NOW, *abort_files],
                resume_commands=run.job_type.commands(run.options, run.name, True))
@@ -224,6 +225,14 @@ def _finish(project: Path, name: str, record: dict, status: str, marker: str) ->
     with contextlib.suppress(OSError):
         shutil.copy2(project / PIPELINE, job_dir / PIPELINE)
     (job_dir / marker).touch()
+    _refresh_report(project)
+
+
+def _refresh_report(project: Path) -> None:
+    """Keep report.html current as jobs start and finish (it never raises)."""
+    from .report import refresh_report
+
+    refresh_report(project)
 
 
 def _guess_label(path: str) -> str:

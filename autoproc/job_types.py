@@ -112,7 +112,7 @@ def _motioncorr_cmds(o: Options, d: str, cont: bool) -> list[list[str]]:
         cmd.append("--float16")
     gain = o.get("fn_gain_ref", "").strip()
     if gain:
-        cmd += ["--gain_ref", gain, "--gain_rot", _gain_code(o.get("gain_rot", "0")),
+        cmd += ["--gainref", gain, "--gain_rot", _gain_code(o.get("gain_rot", "0")),
                 "--gain_flip", _gain_code(o.get("gain_flip", "0"))]
     if o.get("fn_defect", "").strip():
         cmd += ["--defect_file", o["fn_defect"]]
@@ -179,6 +179,8 @@ def _select_outputs(o: Options, d: str) -> list[tuple[str, str]]:
                 (d + "class_averages.star", "ImagesData.star.relion.classaverages")]
     if o.get("fn_mic", "").strip():
         return [(d + "micrographs.star", "MicrographsData.star.relion")]
+    if Path(o.get("fn_data", "")).name == "movies.star":  # reconstruct select keeps a movies table's name
+        return [(d + "movies.star", "MicrographMoviesData.star.relion")]
     return [(d + "particles.star", "ParticlesData.star.relion")]
 
 

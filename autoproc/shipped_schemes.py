@@ -66,6 +66,10 @@ class Settings:
         return round(1.1 * self.particle_diameter)
 
 
+# Scheme variables that come from Settings; every other variable is state the operators maintain.
+SETTING_VARIABLES = ("do_at_most", "maxtime_hr", "wait_sec", "min_nr_parts_3d")
+
+
 def _yn(b: bool) -> str:
     return "Yes" if b else "No"
 
@@ -217,12 +221,10 @@ def install_schemes(project: Path, st: Settings) -> list[str]:
             js.write(fresh.directory / job / "job.star")
         if (fresh.directory / "scheme.star").exists():
             current = Scheme.read(fresh.directory)
-            for kind, variables in fresh.variables.items():
-                for name, var in variables.items():
-                    runtime = kind == "bool" or name.startswith(("current_", "prev_"))
-                    if name in current.variables[kind] and not runtime:
-                        current.variables[kind][name].value = var.value
-                        current.variables[kind][name].reset = var.reset
+            for name in SETTING_VARIABLES:  # the others are the run's state, set by operators
+                if current.kind_of(name) == "float" and fresh.kind_of(name) == "float":
+                    var = fresh.variables["float"][name]
+                    current.variables["float"][name] = Variable(var.value, var.reset)
             current.write()
         else:
             fresh.write()

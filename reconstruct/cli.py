@@ -649,10 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _job_registrars() -> list[Any]:
     """Subcommands whose drivers define their own parser (the pre-processing jobs)."""
-    from . import autopick_job, ctffind_job, extract_job, import_job, select_job
+    from . import autopick_job, ctffind_job, extract_job, import_job, motioncorr_job, select_job
 
-    return [import_job.register, ctffind_job.register, select_job.register, autopick_job.register,
-            extract_job.register]
+    return [import_job.register, motioncorr_job.register, ctffind_job.register, select_job.register,
+            autopick_job.register, extract_job.register]
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -431,6 +431,10 @@ class _Refiner:
             write_map(self.out / f"{prefix}_half{h}_class001.mrc", to_numpy(refs[h - 1]), self.px)
         self.write_data(self.out / f"{prefix}_data.star")
         self.write_model(st, curve, self.out / f"{prefix}_model.star", f"{prefix}_half1_class001.mrc")
+        self.write_optimiser(st, prefix)
+
+    def write_optimiser(self, st: _State, prefix: str) -> None:
+        """``{prefix}_optimiser.star``, pointing at ``{prefix}_model.star`` and ``{prefix}_data.star``."""
         write_star(self.out / f"{prefix}_optimiser.star", {"optimiser_general": {
             "rlnOutputRootName": str(self.out / "run"), "rlnModelStarFile": str(self.out / f"{prefix}_model.star"),
             "rlnExperimentalDataStarFile": str(self.out / f"{prefix}_data.star"),
@@ -588,6 +592,7 @@ def _finish(r: _Refiner, st: _State, bps: list[BackProjector], refs: list[Any], 
     write_map(final_path, to_numpy(final), r.px)
     r.write_data(out / "run_data.star")
     r.write_model(st, curve, out / "run_model.star", "run_class001.mrc")
+    r.write_optimiser(st, "run")
     res = resolution_at(curve, r.box, r.px, 0.143).angstrom
     log.info("final resolution (gold-standard FSC 0.143): %.2f Å after %d iterations", res, st.iteration)
     return RefineResult(final_path, (h1, h2), out / "run_data.star", res, curve, st.iteration)

@@ -253,3 +253,27 @@ def test_jobs_run_through_submitit_local_executor(tmp_path: Path) -> None:
     _import_scheme(tmp_path, "Nowhere/*.tif")
     failed = run_schemes(tmp_path, ["prep"], runner=make_runner(ExecutionOptions("local", poll_s=0.2)))
     assert failed.state == "failed" and (tmp_path / "Import" / "job002" / FAILURE).exists()
+
+
+def test_changed_option_reruns_the_job_and_its_dependants_only(tmp_path: Path) -> None:
+    (tmp_path / "Movies").mkdir()
+    for n in "ab":
+        (tmp_path / "Movies" / f"{n}.mrcs").write_bytes(b"x")
+    _import_scheme(tmp_path)
+    s = Scheme.read(tmp_path / "Schemes" / "prep")
+    s.jobs.update({j: SchemeJob(j, j, "new") for j in ("pick", "again")})
+    s.edges = [Edge("WAIT", "importmovies"), Edge("importmovies", "pick"), Edge("pick", "again"), Edge("again", "WAIT")]
+    s.write()
+    for job, src in (("pick", "Schemes/prep/importmovies/movies.star"), ("again", "Schemes/prep/pick/movies.star")):
+        JobStar("relion.select", {"fn_data": src, "do_select_values": "Yes", "select_label": "rlnOpticsGroup",
+                                  "select_minval": "0", "select_maxval": "5"}).write(s.directory / job / "job.star")
+    assert run_schemes(tmp_path, ["prep"]).state == "complete"
+    assert [p.name for p in Pipeline.read(tmp_path).processes] == ["Import/job001/", "Select/job002/", "Select/job003/"]
+    assert len(read_star(tmp_path / "Select" / "job003" / "movies.star")["movies"]) == 2
+    js = JobStar.read(s.directory / "pick" / "job.star")
+    js.options["select_maxval"] = "4"
+    js.write(s.directory / "pick" / "job.star")
+    run_schemes(tmp_path, ["prep"])
+    names = [p.name for p in Pipeline.read(tmp_path).processes]
+    assert names == ["Import/job001/", "Select/job002/", "Select/job003/", "Select/job004/", "Select/job005/"]
+    assert len(read_record(tmp_path / "Import" / "job001")["launches"]) == 1

@@ -1,0 +1,187 @@
+"""Motion correction (reconstruct motioncorr): accuracy against simulated truth and RELION's files."""
+
+import argparse
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from reconstruct.files.errors import InputError
+from reconstruct.files.movies import read_movie
+from reconstruct.motion import poly_terms
+from reconstruct.motioncorr_job import MotionCorrOptions, _transform_gain, output_stem, register, run_motioncorr
+from reconstruct.simulate import MovieSimulation, simulate_movies
+from tests.helpers import ADK_CLOSED, model_map
+
+BASE = MovieSimulation(n_movies=1, size=384, pixel_size=1.5, n_frames=16, particles_per_movie=50,
+                       particle_diameter=50.0, snr=20.0, drift_step=1.0, seed=5)
+
+
+def _sim(root: Path, cfg: MovieSimulation) -> Path:
+    simulate_movies([model_map(ADK_CLOSED, 40, 1.5)], 1.5, cfg, root)
+    return root
+
+
+def _run(root: Path, **kw) -> Path:
+    opts = MotionCorrOptions(Path("movies.star"), Path("MotionCorr/job002"), project_dir=root, **kw)
+    cwd = os.getcwd()
+    os.chdir(root)  # outputs are relative to the project directory, as RELION's
+    try:
+        return run_motioncorr(replace(opts, project_dir=None))
+    finally:
+        os.chdir(cwd)
+
+
+def _motion(root: Path, stem: str = "movie_0001") -> dict:
+    return starfile.read(root / f"MotionCorr/job002/Movies/{stem}.star", always_dict=True)
+
+
+def test_global_drift_matches_truth_with_relion_sign(tmp_path):
+    root = _sim(tmp_path, BASE)
+    star = _run(root, patch_x=1, patch_y=1, dose_per_frame=1.5)
+    b = _motion(root)
+    est = b["global_shift"][["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+    drift = pd.read_csv(root / "truth/movie_0001_drift.csv")[["shift_x_px", "shift_y_px"]].to_numpy()
+    truth = -(drift - drift[0])  # RELION stores the correction, zero at the first frame
+    rms = np.sqrt(((est - truth) ** 2).sum(1).mean())
+    assert rms < 0.5, rms
+    assert np.abs(truth).max() > 3  # the drift was worth correcting
+    mics = starfile.read(root / star, always_dict=True)
+    assert {"rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"} <= set(mics["optics"].columns)
+    row = mics["micrographs"].iloc[0]
+    assert row.rlnMicrographName == "MotionCorr/job002/Movies/movie_0001.mrc"
+    assert row.rlnMicrographMetadata == "MotionCorr/job002/Movies/movie_0001.star"
+    steps = np.hypot(*np.diff(est, axis=0).T)
+    assert row.rlnAccumMotionTotal == pytest.approx(steps.sum(), rel=1e-4)
+    assert row.rlnAccumMotionEarly == pytest.approx(steps[:1].sum(), rel=1e-4)  # 4 e/Å² at 1.5 e/Å²/frame
+    assert b["general"]["rlnMotionModelVersion"] == 0 and b["general"]["rlnImageSizeZ"] == 16
+    assert (root / "MotionCorr/job002/Movies/movie_0001_shifts.png").exists()
+    assert (root / "MotionCorr/job002/Movies/movie_0001.log").read_text().count("Iteration") >= 2
+
+
+def test_patch_model_recovers_local_motion_better_than_global(tmp_path):
+    cfg = replace(BASE, size=512, particles_per_movie=80, snr=200.0, local_motion=3.0, seed=3)
+    root = _sim(tmp_path, cfg)
+    _run(root, patch_x=5, patch_y=5)
+    b = _motion(root)
+    g = b["global_shift"][["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+    t = pd.read_csv(root / "truth/movie_0001_particle_motion.csv")
+    n, k = len(g), int(t.particle.max())
+    m = t[["motion_x_px", "motion_y_px"]].to_numpy().reshape(n, k, 2)
+    xy = t[["x", "y"]].to_numpy()[:k]
+    truth = -(m - m[:1])
+    glob = np.repeat(g[:, None], k, 1)
+    c = b["local_motion_model"]["rlnMotionModelCoeff"].to_numpy()
+    assert len(c) == 36 and b["general"]["rlnMotionModelVersion"] == 1
+    terms = poly_terms(xy[None, :, 0] / 512 - 0.5, xy[None, :, 1] / 512 - 0.5, np.arange(n, dtype=float)[:, None])
+    local = glob + np.stack([terms @ c[:18], terms @ c[18:]], -1)
+    err_global = np.sqrt(((glob - truth) ** 2).sum(-1).mean())
+    err_local = np.sqrt(((local - truth) ** 2).sum(-1).mean())
+    assert err_local < 0.5 < err_global and err_local < 0.4 * err_global, (err_local, err_global)
+    assert {"rlnMicrographFrameNumber", "rlnCoordinateX", "rlnMicrographShiftX"} <= set(b["local_shift"].columns)
+
+
+def _band_cc(a: np.ndarray, b: np.ndarray, px: float, lo: float = 8.0, hi: float = 4.0) -> float:
+    fa, fb = np.fft.rfft2(a - a.mean()), np.fft.rfft2(b - b.mean())
+    n = a.shape[0]
+    k = np.hypot(np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None]) / px
+    band = (k > 1 / lo) & (k < 1 / hi)
+    return float(np.real(fa[band] * np.conj(fb[band])).sum()
+                 / np.sqrt((np.abs(fa[band]) ** 2).sum() * (np.abs(fb[band]) ** 2).sum()))
+
+
+def test_dose_weighting_keeps_more_signal_at_high_resolution(tmp_path):
+    # Same particles, drift and damage twice: nearly noise-free (the reference) and noisy.
+    cfg = replace(BASE, n_frames=24, dose_per_frame=2.0, snr=3.0)
+    clean = _sim(tmp_path / "clean", replace(cfg, snr=1e6))
+    noisy = _sim(tmp_path / "noisy", cfg)
+    drift = pd.read_csv(clean / "truth/movie_0001_drift.csv")[["shift_x_px", "shift_y_px"]].to_numpy()
+    frames, _ = read_movie(clean / "Movies/movie_0001.mrcs")
+    ft = np.fft.rfft2(frames)
+    from reconstruct.motion import phase_ramp
+
+    ref = np.fft.irfft2((ft * phase_ramp(-(drift - drift[0]), 384, 384, np)).sum(0), s=(384, 384))
+    ref = ref - frames.sum(0).mean()
+    _run(noisy, patch_x=1, patch_y=1, dose_weighting=True, dose_per_frame=2.0, save_noDW=True)
+    dw, _ = read_movie(noisy / "MotionCorr/job002/Movies/movie_0001.mrc")
+    plain, _ = read_movie(noisy / "MotionCorr/job002/Movies/movie_0001_noDW.mrc")
+    cc_dw, cc_plain = _band_cc(dw[0], ref, 1.5), _band_cc(plain[0], ref, 1.5)
+    assert cc_plain > 0.02 and cc_dw > 1.05 * cc_plain, (cc_dw, cc_plain)
+    # RELION's normalisation: the DC of the weighted sum is the plain sum's / sqrt(frames)
+    assert dw.mean() == pytest.approx(plain.mean() / np.sqrt(24), rel=1e-3)
+
+
+def test_gain_rotation_flip_and_size_check(tmp_path):
+    g = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(_transform_gain(g, 1, 0), np.rot90(g, -1))  # clockwise with y down
+    assert np.array_equal(_transform_gain(g, 0, 1), g[::-1]) and np.array_equal(_transform_gain(g, 0, 2), g[:, ::-1])
+    root = _sim(tmp_path, replace(BASE, gain_reference=True, drift_step=0.3))
+    gain, _ = read_movie(root / "Movies/gain.mrc")
+    import reconstruct.files.mrc as mrc
+
+    mrc.write_map(root / "gain_rot.mrc", np.rot90(gain[0], 1), 1.5)  # stored a quarter turn anticlockwise
+    _run(root, patch_x=1, patch_y=1, gainref=Path("gain_rot.mrc"), gain_rot=1)
+    good, _ = read_movie(root / "MotionCorr/job002/Movies/movie_0001.mrc")
+    _run(root, patch_x=1, patch_y=1, gainref=Path("gain_rot.mrc"), gain_rot=3)
+    wrong, _ = read_movie(root / "MotionCorr/job002/Movies/movie_0001.mrc")
+    dead = pd.read_csv(root / "truth/dead_pixels.csv")
+    assert np.isfinite(good).all() and abs(good[0, dead.y, dead.x].mean() / good.mean() - 1) < 0.2
+    assert good.std() < 0.5 * wrong.std()  # the gain pattern is gone only with the right rotation
+    mrc.write_map(root / "gain_small.mrc", gain[0, :, :200], 1.5)
+    with pytest.raises(InputError, match="gain reference"):
+        _run(root, gainref=Path("gain_small.mrc"))
+
+
+def test_corrupt_movie_is_skipped_and_listed(tmp_path, caplog):
+    root = _sim(tmp_path, replace(BASE, n_movies=2, size=256, truncate_movies=(2,)))
+    with caplog.at_level(logging.WARNING, logger="reconstruct"):
+        star = _run(root, patch_x=1, patch_y=1)
+    assert any("skipping Movies/movie_0002.mrcs" in r.getMessage() for r in caplog.records)
+    mics = starfile.read(root / star, always_dict=True)["micrographs"]
+    assert list(mics.rlnMicrographName) == ["MotionCorr/job002/Movies/movie_0001.mrc"]
+    assert "movie_0002" in (root / "MotionCorr/job002/skipped_movies.txt").read_text()
+
+
+def test_outputs_float16_ps_binning_tiff_and_only_unfinished(tmp_path):
+    root = _sim(tmp_path, replace(BASE, n_movies=2, size=256, movie_format="tiff-lzw"))
+    frames, _ = read_movie(root / "Movies/movie_0001.tif")
+    assert frames.shape == (16, 256, 256)
+    kw = dict(patch_x=1, patch_y=1, dose_weighting=True, save_noDW=True, grouping_for_ps=4, ps_size=128,
+              float16=True, bin_factor=2.0, dose_per_frame=1.5)
+    star = _run(root, do_at_most=1, **kw)
+    mics = starfile.read(root / star, always_dict=True)
+    assert len(mics["micrographs"]) == 1
+    assert list(mics["micrographs"].columns[:3]) == ["rlnMicrographNameNoDW", "rlnCtfPowerSpectrum",
+                                                      "rlnMicrographName"]
+    assert mics["optics"].rlnMicrographPixelSize.iloc[0] == pytest.approx(3.0)
+    out = root / "MotionCorr/job002/Movies"
+    with mrcfile.open(out / "movie_0001.mrc") as m:
+        assert m.header.mode == 12 and m.data.shape == (128, 128) and m.voxel_size.x == pytest.approx(3.0)
+    with mrcfile.open(out / "movie_0001_PS.mrc") as m:
+        assert m.header.mode == 2 and m.data.shape == (128, 128)
+        ps = m.data.astype(float)
+        assert ps[64, 64] == ps.max()  # centred spectrum
+    shifts = _motion(root)["global_shift"]
+    assert shifts.rlnMicrographShiftX.abs().max() > 1  # shifts in unbinned pixels
+    stamp = (out / "movie_0001.mrc").stat().st_mtime_ns
+    star = _run(root, only_do_unfinished=True, **kw)
+    assert (out / "movie_0001.mrc").stat().st_mtime_ns == stamp  # done movies are not redone
+    assert len(starfile.read(root / star, always_dict=True)["micrographs"]) == 2
+
+
+def test_stem_rule_and_cli_registration(tmp_path):
+    assert output_stem("Movies/CB1__00006_Feb18_23.39.55.tif") == "Movies/CB1__00006_Feb18_23_39_55"
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    register(sub)
+    a = p.parse_args(["motioncorr", "--i", "movies.star", "--o", "MotionCorr/job002", "--dose_weighting",
+                      "--gain_rot", "1", "--float16", "--grouping_for_ps", "4"])
+    assert a.func.__module__ == "reconstruct.motioncorr_job" and a.gain_rot == 1 and a.patch_x == 5
+    with pytest.raises(InputError, match="grouping_for_ps"):
+        run_motioncorr(MotionCorrOptions(tmp_path / "none.star", tmp_path / "out", float16=True))
