@@ -68,7 +68,8 @@ def _execution(a: argparse.Namespace):
         except ValueError as err:
             raise InputError(None, f"--resources {item!r}: {err}",
                              "write e.g. Class2D:partition=gpu,gpus=1,timeout_min=600") from None
-    return ExecutionOptions(a.executor, base, per_type, a.max_requeue)
+    return ExecutionOptions(a.executor, base, per_type, a.max_requeue, array_tasks=a.array_tasks,
+                            array_parallelism=a.array_parallelism)
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -216,6 +217,10 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                     help="per job type, e.g. --resources Class2D:partition=gpu,gpus=1,timeout_min=600 (repeatable; "
                          "keys: partition, gpus, cpus, timeout_min, mem_gb)")
     ex.add_argument("--max_requeue", type=int, default=3, help="requeues of a timed-out or preempted job")
+    ex.add_argument("--array_tasks", type=int, default=0,
+                    help="split each per-micrograph job (motion correction, CTF, picking, extraction) into this "
+                         "many array tasks over its micrographs (0: one task)")
+    ex.add_argument("--array_parallelism", type=int, default=4, help="array tasks running at once")
     s.set_defaults(func=_cmd_run)
 
 

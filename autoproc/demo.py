@@ -50,8 +50,8 @@ def demo_settings(fast: bool = False) -> Settings:
                   float16=False, particle_diameter=DEMO.particle_diameter, ctf_box=256, class2d_classes=8,
                   class2d_iterations=60, inimodel_classes=1, inimodel_iterations=60, min_particles_3d=100,
                   refine_sampling="7.5 degrees", refine_local_sampling="3.7 degrees", wait_sec=1.0)
-    if fast:
-        st = replace(st, class2d_classes=6, class2d_iterations=30, inimodel_iterations=30)
+    if fast:  # 4 Å pixels (box 48) and shorter runs
+        st = replace(st, max_pixel_size=4.1, class2d_classes=6, class2d_iterations=30, inimodel_iterations=30)
     return st
 
 

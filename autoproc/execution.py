@@ -20,6 +20,8 @@ from .job_runner import JobAborted, JobFailed, run_commands
 
 log = logging.getLogger("autoproc")
 EXECUTORS = ("local", "slurm", "subprocess")
+# Per-micrograph jobs that can be split into an array of tasks over their input table's rows.
+ARRAY_JOBS = ("MotionCorr", "CtfFind", "AutoPick", "Extract")
 
 
 @dataclass
@@ -42,6 +44,8 @@ class ExecutionOptions:
     per_type: dict[str, Resources] = field(default_factory=dict)
     max_requeue: int = 3
     poll_s: float = 1.0
+    array_tasks: int = 0  # split per-micrograph jobs into this many array tasks (0 or 1: one task)
+    array_parallelism: int = 4  # array tasks running at once
 
     def resources(self, job_dir: Path) -> Resources:
         """The resources for a job directory like ``Class2D/job007``."""
@@ -102,20 +106,73 @@ class SubmititRunner:
         elif res.gpus:
             params["gpus_per_node"] = res.gpus
         ex.update_parameters(**params)
-        task = CommandTask(commands, resume_commands or commands, str(project.resolve()), str(job_dir.resolve()))
+        name = str(job_dir.relative_to(project))
+        resume = resume_commands or commands
+        chunks = self._array_chunks(commands, project, job_dir) if job_dir.parent.name in ARRAY_JOBS else []
+        if chunks:
+            # The array does the per-micrograph work; one more task (the continue commands) then finds
+            # every micrograph done and writes the job's STAR file over all of them.
+            cap = max(1, self.options.array_parallelism)
+            if self.options.executor == "slurm":
+                ex.update_parameters(slurm_array_parallelism=cap)
+                waves = [chunks]
+            else:  # submitit's local executor has no array cap: submit in waves of ``cap``
+                waves = [chunks[i:i + cap] for i in range(0, len(chunks), cap)]
+            for wave in waves:
+                tasks = [CommandTask(c, [self._continued(c)], str(project.resolve()), str(job_dir.resolve()))
+                         for c in wave]
+                with ex.batch():  # one SLURM job array; each task requeues on its own
+                    pending = [ex.submit(t) for t in tasks]
+                log.info("%s: %d array task(s) submitted (%s)", name, len(pending), self.options.executor)
+                self._wait(pending, name, abort_files)
+            commands = resume
+        task = CommandTask(commands, resume, str(project.resolve()), str(job_dir.resolve()))
         job = ex.submit(task)
-        log.info("%s: submitted as %s job %s", job_dir.relative_to(project), self.options.executor, job.job_id)
-        while not job.done():
+        log.info("%s: submitted as %s job %s", name, self.options.executor, job.job_id)
+        self._wait([job], name, abort_files)
+
+    def _wait(self, jobs: list[Any], name: str, abort_files: Sequence[Path]) -> None:
+        """Wait for scheduler jobs; cancel them on an abort; a failed one raises :class:`JobFailed`."""
+        while not all(j.done() for j in jobs):
             if any(f.exists() for f in abort_files):
-                job.cancel(check=False)
-                raise JobAborted(f"{job_dir.relative_to(project)}/ aborted")
+                for j in jobs:
+                    j.cancel(check=False)
+                raise JobAborted(f"{name}/ aborted")
             time.sleep(self.options.poll_s)
-        try:
-            job.result()
-        except Exception as err:  # submitit wraps the task's exception (FailedJobError, UncompletedJobError)
-            text = str(err).strip().splitlines()
-            hint = next((ln for ln in reversed(text) if "exited with" in ln or "Error" in ln), text[-1] if text else "")
-            raise JobFailed(hint.strip() or f"{job_dir.relative_to(project)}/ failed in the scheduler") from None
+        for j in jobs:
+            try:
+                j.result()
+            except Exception as err:  # submitit wraps the task's exception (FailedJobError, UncompletedJobError)
+                text = str(err).strip().splitlines()
+                hint = next((ln for ln in reversed(text) if "exited with" in ln or "Error" in ln),
+                            text[-1] if text else "")
+                raise JobFailed(hint.strip() or f"{name}/ failed in the scheduler") from None
+
+    @staticmethod
+    def _continued(cmd: Sequence[str]) -> list[str]:
+        return list(cmd) if "--only_do_unfinished" in cmd else [*cmd, "--only_do_unfinished"]
+
+    def _array_chunks(self, commands: Sequence[Sequence[str]], project: Path, job_dir: Path) -> list[list[list[str]]]:
+        """Commands for each array task: the job's command on every n-th row of its input table."""
+        n = self.options.array_tasks
+        if n < 2 or len(commands) != 1 or "--i" not in commands[0]:
+            return []
+        from reconstruct.files.star import read_star, write_star
+
+        cmd = list(commands[0])
+        k = cmd.index("--i") + 1
+        blocks = read_star(project / cmd[k])
+        table = next((b for b in ("movies", "micrographs") if b in blocks), None)
+        if table is None or len(blocks[table]) < 2:
+            return []
+        n = min(n, len(blocks[table]))
+        out = []
+        for i in range(n):
+            part = job_dir / "array" / f"task{i + 1:03d}_{Path(cmd[k]).name}"
+            write_star(part, {**blocks, table: blocks[table].iloc[i::n].reset_index(drop=True)})
+            out.append([[*cmd[:k], str(part.relative_to(project)), *cmd[k + 1:]]])
+        return out
+
 
 
 def make_runner(options: ExecutionOptions) -> Any:

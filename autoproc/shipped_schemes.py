@@ -38,6 +38,7 @@ class Settings:
     particle_diameter: float = 160.0  # longest diameter D (Å)
     log_ratio: float = 150.0 / 180.0  # LoG minimum diameter / maximum diameter
     symmetry: str = "C1"
+    max_pixel_size: float = 3.75  # relion_it.py: down-scale particles to the first FFT-friendly box below this (Å)
     ctf_box: int = 512
     ctf_resmax: float = 5.0
     ctf_max_resolution: float = 6.0  # select_mics__select_maxval
@@ -164,7 +165,7 @@ def proc_scheme(project: Path, st: Settings) -> tuple[Scheme, dict[str, JobStar]
          _e("COUNT_parts", "CHECK_do_3d"), _fork("CHECK_do_3d", "WAIT", "CHECK_iniref", "do_3d"),
          _fork("CHECK_iniref", "inimodel3d", "SET_myref_user", "has_iniref"), _e("SET_myref_user", "refine3d"),
          _e("inimodel3d", "SET_myref_inimodel"), _e("SET_myref_inimodel", "refine3d"), _e("refine3d", "WAIT")])
-    box, small = extraction_box_sizes(st.particle_diameter, st.micrograph_pixel_size)
+    box, small = extraction_box_sizes(st.particle_diameter, st.micrograph_pixel_size, st.max_pixel_size)
     mask = str(st.mask_diameter)
     gpu = _yn(st.use_gpu)
     jobs = {

@@ -91,7 +91,7 @@ def test_c2_symmetry_beats_c1(tmp_path, monkeypatch):
 
     box, px = 40, 3.0
     vol = symmetrise_map(np.roll(model_map(ADK_CLOSED, box, px), 5, axis=2), "C2") * 2  # dimer about z
-    simulate_particles([vol], ParticleSimulation(n_particles=300, box=box, pixel_size=px, snr=1.0, max_offset=4,
+    simulate_particles([vol], ParticleSimulation(n_particles=200, box=box, pixel_size=px, snr=1.0, max_offset=4,
                                                  seed=3), tmp_path)
     write_map(tmp_path / "ref.mrc", lowpass_filter(vol, px, 30.0, ndim=3), px)
     monkeypatch.chdir(tmp_path)

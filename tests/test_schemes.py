@@ -277,3 +277,44 @@ def test_changed_option_reruns_the_job_and_its_dependants_only(tmp_path: Path) -
     names = [p.name for p in Pipeline.read(tmp_path).processes]
     assert names == ["Import/job001/", "Select/job002/", "Select/job003/", "Select/job004/", "Select/job005/"]
     assert len(read_record(tmp_path / "Import" / "job001")["launches"]) == 1
+
+
+def test_per_micrograph_job_runs_as_an_array(tmp_path: Path) -> None:
+    pytest.importorskip("submitit", reason="submitit is not installed")
+    from autoproc.execution import ExecutionOptions, SubmititRunner
+    from reconstruct.simulate import MovieSimulation, simulate_movies
+    from reconstruct.simulate.density import atomic_model_map
+
+    vol = atomic_model_map(Path(__file__).parent / "data" / "1ake_adk_closed.pdb.gz", 32, 2.0)
+    simulate_movies([vol], 2.0, MovieSimulation(n_movies=4, size=128, pixel_size=2.0, n_frames=4,
+                                                particles_per_movie=3, particle_diameter=50.0), tmp_path)
+    _import_scheme(tmp_path)
+    s = Scheme.read(tmp_path / "Schemes" / "prep")
+    s.jobs["motioncorr"] = SchemeJob("motioncorr", "motioncorr", "continue")
+    s.edges = [Edge("WAIT", "importmovies"), Edge("importmovies", "motioncorr"), Edge("motioncorr", "WAIT")]
+    s.write()
+    JobStar("relion.motioncorr", {"input_star_mics": "Schemes/prep/importmovies/movies.star", "patch_x": "1",
+                                  "patch_y": "1", "dose_per_frame": "1.5"}).write(s.directory / "motioncorr/job.star")
+    runner = SubmititRunner(ExecutionOptions("local", poll_s=0.2, array_tasks=2, array_parallelism=2))
+    assert run_schemes(tmp_path, ["prep"], runner=runner).state == "complete"
+    job = tmp_path / "MotionCorr" / "job002"
+    assert sorted(p.name for p in (job / "array").iterdir()) == ["task001_movies.star", "task002_movies.star"]
+    assert len(read_star(job / "corrected_micrographs.star")["micrographs"]) == 4 and (job / SUCCESS).exists()
+
+
+def test_bad_input_file_fails_the_job_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "Movies").mkdir()
+    (tmp_path / "Movies" / "a.mrcs").write_bytes(b"x")
+    _import_scheme(tmp_path)
+    s = Scheme.read(tmp_path / "Schemes" / "prep")
+    s.jobs["pick"] = SchemeJob("pick", "pick", "new")
+    s.edges = [Edge("WAIT", "importmovies"), Edge("importmovies", "pick"), Edge("pick", "WAIT")]
+    s.write()
+    broken = "data_movies\nloop_\n_rlnMicrographMovieName #1\n_rlnOpticsGroup #2\nx.mrcs\n"
+    (tmp_path / "broken.star").write_text(broken)
+    JobStar("relion.select", {"fn_data": "broken.star", "do_select_values": "Yes", "select_label": "rlnOpticsGroup",
+                              "select_minval": "0", "select_maxval": "5"}).write(s.directory / "pick" / "job.star")
+    out = run_schemes(tmp_path, ["prep"])
+    err = (tmp_path / "Select" / "job002" / "run.err").read_text()
+    assert out.state == "failed" and "broken.star" in out.message and "broken.star" in err
+    assert (tmp_path / "Select" / "job002" / FAILURE).exists()
