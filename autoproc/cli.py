@@ -8,9 +8,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconstruct.cli import run_command
 from reconstruct.files.errors import InputError
+
+if TYPE_CHECKING:
+    from .shipped_schemes import Settings
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 log = logging.getLogger("autoproc")
@@ -37,11 +41,13 @@ def _parse_sets(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _settings(a: argparse.Namespace):
+def _settings(a: argparse.Namespace, project: Path) -> Settings:
+    """The project's stored settings (first run: the demo's or relion_it.py's), changed by the flags given."""
     from .demo import demo_settings
-    from .shipped_schemes import Settings
+    from .shipped_schemes import Settings, load_settings
 
-    st = demo_settings(fast=a.fast) if a.demo else Settings()
+    stored = load_settings(project)
+    st = stored if stored is not None else demo_settings(fast=a.fast) if a.demo else Settings()
     given = {"movies": a.movies, "angpix": a.angpix, "voltage": a.kv, "cs": a.cs, "q0": a.q0,
              "dose_per_frame": a.dose, "gain": a.gain, "gain_rot": a.gain_rot, "gain_flip": a.gain_flip,
              "particle_diameter": a.diameter, "symmetry": a.sym, "class2d_classes": a.class2d_classes,
@@ -52,7 +58,10 @@ def _settings(a: argparse.Namespace):
         st = replace(st, bin_factor=a.bin_factor)
     if a.gpu:
         st = replace(st, use_gpu=True)
-    return replace(st, extra=_parse_sets(a.set or []))
+    extra = {job: dict(opts) for job, opts in st.extra.items()}
+    for job, opts in _parse_sets(a.set or []).items():
+        extra.setdefault(job, {}).update(opts)
+    return replace(st, extra=extra)
 
 
 def _execution(a: argparse.Namespace):
@@ -75,10 +84,15 @@ def _execution(a: argparse.Namespace):
 def _cmd_run(a: argparse.Namespace) -> None:
     from .demo import compare_with_truth, write_demo_data
     from .run import run_schemes
-    from .shipped_schemes import install_schemes
+    from .schemer import SchemeLocked, lock_holder, scheme_dir
+    from .shipped_schemes import install_schemes, save_settings
     from .status import status_text
 
     project = Path(a.o)
+    for name in ("prep", "proc"):  # before anything is touched: is another run at work here?
+        holder = lock_holder(scheme_dir(project, name))
+        if holder is not None:
+            raise SchemeLocked(scheme_dir(project, name), holder)
     project.mkdir(parents=True, exist_ok=True)
     if a.demo:
         if not (project / "movies.star").exists():
@@ -89,7 +103,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
     elif a.movies is None and not (project / "Schemes" / "prep" / "scheme.star").exists():
         raise InputError(None, "nothing to process", "give --demo, --empiar ID or --movies 'Movies/*.tif' "
                                                      "with the acquisition parameters")
-    st = _settings(a)
+    st = _settings(a, project)
     input_complete = lambda: not a.wait_for_movies  # noqa: E731
     download = None
     if a.empiar:
@@ -103,6 +117,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
         st, download = start_empiar(project, a.empiar, overrides, st, a.max_movies, a.download_workers, client)
         input_complete = download.finished
     install_schemes(project, st)
+    save_settings(project, st)
     from .execution import make_runner
 
     runner = make_runner(_execution(a))

@@ -98,7 +98,9 @@ class SubmititRunner:
                                    slurm_max_num_timeout=self.options.max_requeue)
         params: dict[str, Any] = {"timeout_min": int(res.timeout_min), "name": str(job_dir.relative_to(project))}
         if self.options.executor == "slurm":
-            params.update(cpus_per_task=res.cpus, gpus_per_node=res.gpus, tasks_per_node=1)
+            params.update(cpus_per_task=res.cpus, tasks_per_node=1)
+            if res.gpus > 0:
+                params["gpus_per_node"] = res.gpus
             if res.partition:
                 params["slurm_partition"] = res.partition
             if res.mem_gb:
@@ -119,8 +121,8 @@ class SubmititRunner:
             else:  # submitit's local executor has no array cap: submit in waves of ``cap``
                 waves = [chunks[i:i + cap] for i in range(0, len(chunks), cap)]
             for wave in waves:
-                tasks = [CommandTask(c, [self._continued(c)], str(project.resolve()), str(job_dir.resolve()))
-                         for c in wave]
+                tasks = [CommandTask(c, [self._continued(x) for x in c], str(project.resolve()),
+                                     str(job_dir.resolve())) for c in wave]
                 with ex.batch():  # one SLURM job array; each task requeues on its own
                     pending = [ex.submit(t) for t in tasks]
                 log.info("%s: %d array task(s) submitted (%s)", name, len(pending), self.options.executor)
@@ -133,12 +135,17 @@ class SubmititRunner:
 
     def _wait(self, jobs: list[Any], name: str, abort_files: Sequence[Path]) -> None:
         """Wait for scheduler jobs; cancel them on an abort; a failed one raises :class:`JobFailed`."""
-        while not all(j.done() for j in jobs):
-            if any(f.exists() for f in abort_files):
-                for j in jobs:
-                    j.cancel(check=False)
-                raise JobAborted(f"{name}/ aborted")
-            time.sleep(self.options.poll_s)
+        try:
+            while not all(j.done() for j in jobs):
+                if any(f.exists() for f in abort_files):
+                    for j in jobs:
+                        j.cancel(check=False)
+                    raise JobAborted(f"{name}/ aborted")
+                time.sleep(self.options.poll_s)
+        except KeyboardInterrupt:  # Ctrl-C: do not leave scheduler jobs writing into the project
+            for j in jobs:
+                j.cancel(check=False)
+            raise
         for j in jobs:
             try:
                 j.result()

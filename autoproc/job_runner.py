@@ -98,7 +98,8 @@ def read_record(job_dir: Path) -> dict:
         return {}
 
 
-def _write_record(job_dir: Path, record: dict) -> None:
+def write_record(job_dir: Path, record: dict) -> None:
+    """Write the job's ``autoproc_job.json`` atomically."""
     atomic_write_text(job_dir / RECORD, json.dumps(record, indent=1))
 
 
@@ -184,7 +185,7 @@ def execute(project: Path, run: JobRun, abort_files: Sequence[Path] = (),
     record.update(options=run.signature.options, inputs=run.signature.inputs, state="running",
                   label=run.job_type.label(run.options), commands=[shlex.join(c) for c in commands])
     record.setdefault("launches", []).append({"start": time.time()})
-    _write_record(job_dir, record)
+    write_record(job_dir, record)
     outputs = run.job_type.outputs(run.options, run.name)
     with locked_pipeline(project) as pipe:
         pipe.set_status(run.name, "Running")
@@ -197,11 +198,11 @@ def execute(project: Path, run: JobRun, abort_files: Sequence[Path] = (),
     except JobAborted:
         _finish(project, run.name, record, "Aborted", ABORTED)
         raise
-    except (JobFailed, OSError) as err:
+    except Exception as err:  # the command's failure, or the scheduler's (submission refused, lock timeout...)
         with open(job_dir / "run.err", "a") as fh:
             fh.write(f"autoproc: {err}\n")
         _finish(project, run.name, record, "Failed", FAILURE)
-        raise JobFailed(str(err)) from None
+        raise JobFailed(str(err) if isinstance(err, JobFailed) else f"{type(err).__name__}: {err}") from None
     missing = [p for p, _ in outputs if not (project / p).exists()]
     if missing:
         msg = f"{run.name}: finished but did not write {', '.join(missing)}"
@@ -219,7 +220,7 @@ def _finish(project: Path, name: str, record: dict, status: str, marker: str) ->
     record["launches"][-1]["status"] = status
     if status != "Succeeded":
         record["state"] = status.lower()
-    _write_record(job_dir, record)
+    write_record(job_dir, record)
     with locked_pipeline(project) as pipe:
         pipe.set_status(name, status)
     with contextlib.suppress(OSError):

@@ -47,11 +47,12 @@ def run_schemes(project: Path, names: Sequence[str] = ("prep", "proc"),
                 after_pass: Callable[[str, PassResult], None] | None = None) -> RunOutcome:
     """Run the schemes until a round runs nothing and ``input_complete()``; see the module docstring."""
     project = Path(project)
-    for n in names:
-        (scheme_dir(project, n) / ABORT_NOW).unlink(missing_ok=True)
     outcome = RunOutcome("complete")
     active = list(names)
     with _locks(project, names):
+        for n in names:  # a new run: no stale abort request, and exit_maxtime counts from now (as RELION's)
+            (scheme_dir(project, n) / ABORT_NOW).unlink(missing_ok=True)
+            (scheme_dir(project, n) / ".maxtime_deadline").unlink(missing_ok=True)
         while active:
             outcome.rounds += 1
             ran = 0

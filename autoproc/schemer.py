@@ -23,7 +23,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .job_runner import ABORT_NOW, SUCCESS, JobAborted, JobFailed, JobRun, Signature, execute, read_record, run_commands
+from reconstruct.files.errors import InputError
+
+from .job_runner import (
+    ABORT_NOW,
+    SUCCESS,
+    JobAborted,
+    JobFailed,
+    JobRun,
+    Signature,
+    execute,
+    read_record,
+    run_commands,
+    write_record,
+)
 from .job_star import JobStar, substitute
 from .job_types import import_signature, job_type
 from .operators import evaluate
@@ -32,6 +45,19 @@ from .scheme import UNDEFINED, Scheme
 
 log = logging.getLogger("autoproc")
 _RESUMABLE_ITERATIONS = ("relion.class2d", "relion.initialmodel", "relion.refine3d", "relion.class3d")
+
+
+def _rows(path: Path) -> int | None:
+    """Items in a movies/micrographs/particles/coordinate-files STAR file (None if it has no such table)."""
+    from reconstruct.files.star import read_star
+
+    if not path.exists():
+        return None
+    blocks = read_star(path)
+    for table in ("movies", "micrographs", "particles", "coordinate_files"):
+        if table in blocks:
+            return len(blocks[table])
+    return None
 
 
 @dataclass
@@ -43,8 +69,14 @@ class PassResult:
     message: str = ""
 
 
-class SchemeAborted(RuntimeError):
-    """The user asked the scheme to stop (``autoproc abort``)."""
+class SchemeLocked(InputError):
+    """Another live process runs this scheme."""
+
+    def __init__(self, directory: Path, holder: str) -> None:
+        lock = directory.parent.parent / f".relion_lock_scheme_{directory.name}"
+        who = f"process {holder}" if holder.isdigit() else "another program (the lock names no process)"
+        super().__init__(directory, f"scheme {directory.name} is being run by {who}",
+                         f"wait for it, stop it with 'autoproc abort', or delete {lock} if nothing runs")
 
 
 def scheme_dir(project: Path, name: str) -> Path:
@@ -70,6 +102,17 @@ def job_dir_lookup(project: Path) -> Callable[[str, str], str | None]:
     return lookup
 
 
+def lock_holder(directory: Path) -> str | None:
+    """The live process holding a scheme's run lock (pid, or 'unknown' for a lock without one), else None."""
+    lock = directory.parent.parent / f".relion_lock_scheme_{directory.name}"
+    if not lock.is_dir():
+        return None
+    holder = (lock / "lock_scheme").read_text().strip() if (lock / "lock_scheme").exists() else ""
+    if not holder.isdigit():
+        return "unknown"
+    return holder if _alive(int(holder)) and int(holder) != os.getpid() else None
+
+
 @contextlib.contextmanager
 def scheme_lock(directory: Path) -> Iterator[None]:
     """RELION's per-scheme run lock ``.relion_lock_scheme_NAME/lock_scheme``; a dead holder's lock is taken over."""
@@ -78,10 +121,9 @@ def scheme_lock(directory: Path) -> Iterator[None]:
     try:
         lock.mkdir()
     except FileExistsError:
-        holder = (lock / "lock_scheme").read_text().strip() if (lock / "lock_scheme").exists() else ""
-        if holder.isdigit() and _alive(int(holder)) and int(holder) != os.getpid():
-            raise RuntimeError(f"scheme {name} is being run by process {holder}; stop it with 'autoproc abort' "
-                               f"or wait for it to finish") from None
+        holder = lock_holder(directory)
+        if holder is not None:
+            raise SchemeLocked(directory, holder) from None
         log.info("scheme %s: taking over the lock left by a stopped run", name)
     (lock / "lock_scheme").write_text(f"{os.getpid()}\n")
     try:
@@ -159,6 +201,9 @@ class Schemer:
                     return PassResult("aborted", jobs_run, str(err))
                 except (JobFailed, ValueError, KeyError) as err:
                     return PassResult("failed", jobs_run, f"scheme {self.name}, job {node}: {err}")
+                except Exception as err:  # e.g. a STAR file that cannot be read, a pipeline lock held too long
+                    return PassResult("failed", jobs_run, f"scheme {self.name}, job {node}: "
+                                                          f"{type(err).__name__}: {err}")
                 jobs_run += int(ran)
             else:
                 return PassResult("failed", jobs_run, f"scheme {self.name}: unknown node {node!r}")
@@ -202,9 +247,11 @@ class Schemer:
         previous = sj.current_name if sj.has_started and sj.current_name != sj.original_name else None
         record = read_record(self.project / previous) if previous else {}
         name, cont = None, False
-        if previous and record.get("options") == sig.options:
+        if previous and not record:  # killed before its first launch was recorded: start it in place
+            name, cont = previous, False
+        elif previous and record.get("options") == sig.options:
             done = (self.project / previous / SUCCESS).exists() and record.get("state") == "done"
-            if done and record.get("inputs") == sig.inputs:
+            if done and record.get("inputs") == sig.inputs and not record.get("partial"):
                 log.info("%s (%s): up to date", previous, node)
                 return False
             if sj.mode == "continue":
@@ -213,17 +260,31 @@ class Schemer:
                 name, cont = previous, self._has_progress(jt.base, self.project / previous)
                 log.info("%s (%s): resuming the interrupted job", previous, node)
         if name is None:
-            with locked_pipeline(self.project) as pipe:
+            with locked_pipeline(self.project) as pipe:  # the scheme records the new job before the lock goes
                 name = pipe.add_job(jt.directory, label)
-            sj.current_name, sj.has_started = name, True
-            scheme.write()
-        else:
+                sj.current_name, sj.has_started = name, True
+                scheme.write()
+        elif name == previous and record:
             cont = cont or sj.mode == "continue"
         log.info("%s (%s): %s", name, node, "continuing" if cont else "running")
         start = time.monotonic()
         execute(self.project, JobRun(jt, name, options, sig, cont), [self.abort_file], self.runner)
+        self._mark_partial(jt.inputs(options), jt.outputs(options, name), self.project / name)
         log.info("%s (%s): finished in %.0f s", name, node, time.monotonic() - start)
         return True
+
+    def _mark_partial(self, inputs: list[str], outputs: list[tuple[str, str]], job_dir: Path) -> None:
+        """A per-micrograph job that listed fewer items than its input and made progress (e.g. capped by
+        ``--do_at_most``) is marked partial, so the next pass runs it again instead of calling it up to date.
+        No progress (micrographs skipped as unreadable) ends that: the run does not loop on bad files."""
+        if not inputs or not outputs or not outputs[0][0].endswith(".star") or not inputs[0].endswith(".star"):
+            return
+        n_in, n_out = _rows(self.project / inputs[0]), _rows(self.project / outputs[0][0])
+        record = read_record(job_dir)
+        before = record.get("output_rows", -1)
+        record["partial"] = bool(n_in is not None and n_out is not None and n_out < n_in and n_out > before)
+        record["output_rows"] = n_out if n_out is not None else -1
+        write_record(job_dir, record)
 
     @staticmethod
     def _has_progress(base: str, job_dir: Path) -> bool:

@@ -10,12 +10,16 @@ last iteration, whatever the number of iterations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reconstruct.extraction import extraction_box_sizes
+from reconstruct.files.atomic import atomic_write_text
+from reconstruct.files.errors import InputError
 
 from .job_star import JobStar
+from .job_types import class2d_iterations
 from .scheme import UNDEFINED, Edge, Operator, Scheme, SchemeJob, Variable
 
 
@@ -219,6 +223,11 @@ def install_schemes(project: Path, st: Settings) -> list[str]:
         for job, js in jobs.items():
             for option, value in st.extra.get(f"{fresh.name}/{job}", {}).items():
                 js.options[option] = value
+        if "select_parts" in jobs and "fn_model" not in st.extra.get("proc/select_parts", {}):
+            # the ranker reads Class2D's last iteration, whatever --set made of the iterations
+            last = class2d_iterations(jobs["class2d"].options)
+            jobs["select_parts"].options["fn_model"] = f"Schemes/proc/class2d/run_it{last:03d}_optimiser.star"
+        for job, js in jobs.items():
             js.write(fresh.directory / job / "job.star")
         if (fresh.directory / "scheme.star").exists():
             current = Scheme.read(fresh.directory)
@@ -226,8 +235,34 @@ def install_schemes(project: Path, st: Settings) -> list[str]:
                 if current.kind_of(name) == "float" and fresh.kind_of(name) == "float":
                     var = fresh.variables["float"][name]
                     current.variables["float"][name] = Variable(var.value, var.reset)
+            if current.kind_of("prev_nr_mics") == "float":
+                # a new run looks at every micrograph again, so changed options reach the jobs after the
+                # micrograph-count gate (unchanged jobs are skipped as up to date)
+                current.set("prev_nr_mics", 0.0)
             current.write()
         else:
             fresh.write()
         names.append(fresh.name)
     return names
+
+
+SETTINGS_FILE = "autoproc_settings.json"
+
+
+def save_settings(project: Path, st: Settings) -> None:
+    """Keep the run's settings in the project, so a plain re-run (``autoproc run --o DIR``) uses them again."""
+    atomic_write_text(project / SETTINGS_FILE, json.dumps(asdict(st), indent=1))
+
+
+def load_settings(project: Path) -> Settings | None:
+    """The settings a project was last run with, or None for a new project."""
+    path = project / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        data["patches"] = tuple(data["patches"])
+        return Settings(**data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(path, f"unreadable autoproc settings ({err})",
+                         "delete it to start from the defaults and give the acquisition flags again") from None

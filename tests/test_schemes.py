@@ -318,3 +318,18 @@ def test_bad_input_file_fails_the_job_with_its_reason(tmp_path: Path) -> None:
     err = (tmp_path / "Select" / "job002" / "run.err").read_text()
     assert out.state == "failed" and "broken.star" in out.message and "broken.star" in err
     assert (tmp_path / "Select" / "job002" / FAILURE).exists()
+
+
+def test_rerun_keeps_the_projects_settings_and_applies_new_flags(tmp_path: Path) -> None:
+    from autoproc.cli import _settings, build_parser
+    from autoproc.shipped_schemes import load_settings, save_settings
+
+    first = _settings(build_parser().parse_args(["run", "--o", str(tmp_path), "--movies", "Raw/*.tif", "--angpix",
+                                                 "0.86", "--set", "proc/class2d:nr_classes=40"]), tmp_path)
+    save_settings(tmp_path, first)
+    again = _settings(build_parser().parse_args(["run", "--o", str(tmp_path), "--diameter", "150", "--set",
+                                                 "proc/refine3d:ini_high=30"]), tmp_path)
+    assert (again.movies, again.angpix, again.particle_diameter) == ("Raw/*.tif", 0.86, 150.0)
+    assert again.extra == {"proc/class2d": {"nr_classes": "40"}, "proc/refine3d": {"ini_high": "30"}}
+    save_settings(tmp_path, again)
+    assert load_settings(tmp_path) == again
