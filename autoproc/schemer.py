@@ -44,6 +44,8 @@ from .pipeline import locked_pipeline
 from .scheme import UNDEFINED, Scheme
 
 log = logging.getLogger("autoproc")
+# Jobs whose output lists the same items as their input (one corrected micrograph per movie, ...).
+_PER_ITEM = ("MotionCorr", "CtfFind")
 _RESUMABLE_ITERATIONS = ("relion.class2d", "relion.initialmodel", "relion.refine3d", "relion.class3d")
 
 
@@ -223,7 +225,7 @@ class Schemer:
         return resolve
 
     def _maxtime_passed(self, scheme: Scheme, hours_token: str) -> bool:
-        """exit_maxtime: the deadline is set on the first pass (kept in a file so restarts keep it)."""
+        """exit_maxtime: the deadline is set on the run's first pass (in a file that each new run removes)."""
         deadline_file = self.directory / ".maxtime_deadline"
         if not deadline_file.exists():
             hours = float(scheme.get(hours_token)) if scheme.kind_of(hours_token) else float(hours_token)
@@ -269,7 +271,8 @@ class Schemer:
         log.info("%s (%s): %s", name, node, "continuing" if cont else "running")
         start = time.monotonic()
         execute(self.project, JobRun(jt, name, options, sig, cont), [self.abort_file], self.runner)
-        self._mark_partial(jt.inputs(options), jt.outputs(options, name), self.project / name)
+        if jt.directory in _PER_ITEM:
+            self._mark_partial(jt.inputs(options), jt.outputs(options, name), self.project / name)
         log.info("%s (%s): finished in %.0f s", name, node, time.monotonic() - start)
         return True
 

@@ -279,9 +279,8 @@ def test_changed_option_reruns_the_job_and_its_dependants_only(tmp_path: Path) -
     assert len(read_record(tmp_path / "Import" / "job001")["launches"]) == 1
 
 
-def test_per_micrograph_job_runs_as_an_array(tmp_path: Path) -> None:
-    pytest.importorskip("submitit", reason="submitit is not installed")
-    from autoproc.execution import ExecutionOptions, SubmititRunner
+def _motioncorr_project(tmp_path: Path, other_args: str = "") -> None:
+    """Four tiny simulated movies, and a prep scheme of import + motion correction."""
     from reconstruct.simulate import MovieSimulation, simulate_movies
     from reconstruct.simulate.density import atomic_model_map
 
@@ -294,7 +293,23 @@ def test_per_micrograph_job_runs_as_an_array(tmp_path: Path) -> None:
     s.edges = [Edge("WAIT", "importmovies"), Edge("importmovies", "motioncorr"), Edge("motioncorr", "WAIT")]
     s.write()
     JobStar("relion.motioncorr", {"input_star_mics": "Schemes/prep/importmovies/movies.star", "patch_x": "1",
-                                  "patch_y": "1", "dose_per_frame": "1.5"}).write(s.directory / "motioncorr/job.star")
+                                  "patch_y": "1", "dose_per_frame": "1.5", "other_args": other_args}
+            ).write(s.directory / "motioncorr/job.star")
+
+
+def test_job_capped_by_do_at_most_runs_until_every_movie_is_done(tmp_path: Path) -> None:
+    _motioncorr_project(tmp_path, "--do_at_most 2")
+    assert run_schemes(tmp_path, ["prep"]).state == "complete"
+    job = tmp_path / "MotionCorr" / "job002"
+    assert len(read_star(job / "corrected_micrographs.star")["micrographs"]) == 4
+    assert len(read_record(job)["launches"]) == 2 and not read_record(job)["partial"]
+
+
+def test_per_micrograph_job_runs_as_an_array(tmp_path: Path) -> None:
+    pytest.importorskip("submitit", reason="submitit is not installed")
+    from autoproc.execution import ExecutionOptions, SubmititRunner
+
+    _motioncorr_project(tmp_path)
     runner = SubmititRunner(ExecutionOptions("local", poll_s=0.2, array_tasks=2, array_parallelism=2))
     assert run_schemes(tmp_path, ["prep"], runner=runner).state == "complete"
     job = tmp_path / "MotionCorr" / "job002"
