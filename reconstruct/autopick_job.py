@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .backend import get_xp
+from .cli_options import add_gpu_flag
 from .files.atomic import atomic_path, atomic_write_text
 from .files.errors import InputError
 from .files.mrc import read_map
@@ -261,9 +262,5 @@ def register(sub: Any) -> None:
     s.add_argument("--random_seed", type=int, default=1, help="seed of the noise that pads non-square micrographs")
     s.add_argument("--overlays", type=int, default=1,
                    help="write an overlay PNG of the picks for the first this many micrographs picked")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
-                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
-    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
-                   help="use a GPU when one is present, else the CPU")
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd)

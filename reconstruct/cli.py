@@ -17,18 +17,11 @@ from typing import Any
 import numpy as np
 
 from .backend import GPUUnavailableError
+from .cli_options import add_gpu_flag
 from .files.errors import InputError
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 log = logging.getLogger("reconstruct")
-
-
-def _gpu_flag(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
-                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
-    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
-                   help="use a GPU when one is present, else the CPU")
 
 
 def _cmd_project(a: argparse.Namespace) -> None:
@@ -172,7 +165,7 @@ def _add_class3d_arguments(s: argparse.ArgumentParser, initial_model: bool) -> N
     s.add_argument("--continue", dest="continue_run", action="store_true",
                    help="resume from the last written iteration in --o")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    _gpu_flag(s)
+    add_gpu_flag(s)
 
 
 def _add_ssri_options(s: argparse.ArgumentParser) -> None:
@@ -390,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--white_noise", type=float, default=0.0, help="standard deviation of Gaussian noise to add")
     s.add_argument("--batch", type=int, default=256, help="images projected per batch")
     s.add_argument("--seed", type=int, default=0, help="random seed for the noise")
-    _gpu_flag(s)
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd_project)
 
     s = sub.add_parser("backproject", formatter_class=HELP_FORMAT,
@@ -407,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="cls", type=int, default=-1, help="use only this rlnClassNumber (-1: all)")
     s.add_argument("--batch", type=int, default=256, help="images read and inserted per batch")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    _gpu_flag(s)
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd_backproject)
 
     s = sub.add_parser("refine3d", formatter_class=HELP_FORMAT,
@@ -443,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from the last completed iteration in --o")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
     _add_ssri_options(s)
-    _gpu_flag(s)
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd_refine3d)
 
     s = sub.add_parser("class2d", formatter_class=HELP_FORMAT,
@@ -492,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--continue", dest="continue_run", action="store_true",
                    help="resume from the last written iteration in --o")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    _gpu_flag(s)
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd_class2d)
 
     s = sub.add_parser("initialmodel", formatter_class=HELP_FORMAT,
@@ -540,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=256, help="particles per back-projection batch")
     s.add_argument("--random_seed", type=int, default=0, help="seed of the subset and the held-out voxels")
     s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    _gpu_flag(s)
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd_ssri_tune)
 
     s = sub.add_parser("postprocess", formatter_class=HELP_FORMAT,

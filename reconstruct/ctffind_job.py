@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .backend import get_xp
+from .cli_options import add_gpu_flag
 from .ctf import Optics
 from .ctf_fit import CtfFit, CtfSearch, diagnostic_image, estimate_ctf
 from .files.atomic import atomic_path, atomic_write_text
@@ -361,10 +362,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--only_do_unfinished", action="store_true",
                    help="keep the results of micrographs whose .ctf and _ctffind4.log already exist")
     s.add_argument("--no_plots", action="store_true", help="do not write the per-micrograph PNG plots")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
-                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
-    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
-                   help="use a GPU when one is present, else the CPU")
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd)
 

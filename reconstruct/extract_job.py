@@ -22,6 +22,7 @@ import pandas as pd
 
 from .autopick_job import output_root, read_micrographs
 from .backend import get_xp, to_numpy
+from .cli_options import add_gpu_flag
 from .extraction import extract_particles, inside_micrograph, integer_centres
 from .files.atomic import atomic_write_text
 from .files.errors import InputError
@@ -294,10 +295,6 @@ def register(sub: Any) -> None:
     s.add_argument("--part_star", default=None, help="output particles STAR file (default <part_dir>/particles.star)")
     s.add_argument("--pick_star", default=None,
                    help="output list of the _extract.star files (default <part_dir>/extractpick.star)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
-                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
-    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
-                   help="use a GPU when one is present, else the CPU")
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd)
 

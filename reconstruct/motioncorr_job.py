@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .backend import fft_module, get_xp, to_numpy
+from .cli_options import add_gpu_flag
 from .files.atomic import atomic_path, atomic_write_text
 from .files.errors import InputError
 from .files.movies import read_gain, read_movie, read_movie_header
@@ -564,9 +565,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--j", type=int, default=1, help="accepted for RELION compatibility (FFTs use all cores)")
     s.add_argument("--random_seed", type=int, default=0, help="seed for the defect-pixel noise")
     s.add_argument("--project_dir", default=None, help="directory that movie paths are relative to (default: cwd)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=False,
-                   help="compute on the GPU with CuPy (fails with advice if none is usable)")
-    g.add_argument("--auto-device", dest="gpu", action="store_const", const=None,
-                   help="use a GPU when one is present, else the CPU")
+    add_gpu_flag(s)
     s.set_defaults(func=_cmd)
