@@ -145,3 +145,20 @@ def crop_half(ft: Any, size: int) -> Any:
     pos = size // 2 + 1  # rows 0..size/2 are non-negative frequencies (FFTW), the rest negative
     rows = xp.concatenate([xp.arange(0, pos), xp.arange(n - (size - pos), n)])
     return ft[..., rows, : size // 2 + 1]
+
+
+def fft_friendly_even(n: int) -> int:
+    """The smallest even size >= ``n`` whose prime factors are 2, 3, 5 and 7 only.
+
+    Transforms of such sizes are fast in pocketfft and cuFFT alike; a size with a large prime factor
+    (e.g. 818 = 2 x 409) falls back to Bluestein's algorithm and costs several times more.
+    """
+    m = max(2, int(n) + int(n) % 2)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 2

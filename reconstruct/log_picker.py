@@ -176,15 +176,19 @@ def best_over_scales(ft: Any, work: int, size: int, pixel_size: float, diameters
 def _prepare(mic: Any, params: LoGParams, rng: np.random.Generator, xp: Any) -> tuple[Any, tuple[int, int]]:
     """Normalise, remove outliers, flip the contrast to bright particles and pad to a square with noise."""
     ny, nx = mic.shape
-    m = mic.astype(xp.float64)
-    avg = float(m.mean())
-    std = float(m.std())
-    if not np.isfinite(std) or std <= 0:
+    # Statistics accumulated in double precision, the image itself kept in one float32 copy: a 4k
+    # micrograph would otherwise spawn a gigabyte of double-precision temporaries.
+    flat = mic.reshape(-1)
+    avg = float(flat.sum(dtype=xp.float64)) / flat.size
+    var = float(xp.einsum("i,i->", flat, flat, dtype=xp.float64)) / flat.size - avg * avg
+    std = float(np.sqrt(max(var, 0.0)))
+    if not np.isfinite(std) or std <= 1e-6 * max(abs(avg), 1e-30):
         raise ValueError("the micrograph is constant (standard deviation 0): nothing can be picked")
-    m = xp.where(xp.abs(m - avg) / std > params.outlier_zscore, avg, m)
-    m = ((m - avg) / std).astype(xp.float32)
-    if not params.invert:
-        m = -m
+    m = mic.astype(xp.float32, copy=True)
+    limit = params.outlier_zscore * std
+    m[(m < avg - limit) | (m > avg + limit)] = avg  # outliers beyond 8 sigma become the mean
+    m -= np.float32(avg)
+    m *= np.float32((1.0 if params.invert else -1.0) / std)  # particles bright from here on
     n = max(nx, ny)
     if nx == ny:
         return m, (0, 0)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .backend import array_module, fft_module, ndimage_module
+from .fourier import fft_friendly_even
 
 # Grant & Grigorieff (2015) critical exposure: Ne(k) = A k^B + C (e/Å^2, k in 1/Å)
 _NE_A, _NE_B, _NE_C = 0.245, -1.665, 2.81
@@ -65,6 +66,12 @@ def phase_ramp(shifts: Any, ny: int, nx: int, xp: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- alignment
+def alignment_scale(bfactor: float) -> float:
+    """Fraction of each axis of a frequency grid where the alignment weight exp(-2 B k^2) (B in px^2,
+    k in 1/px) is above 1e-8; frequencies beyond it do not change a cross-correlation peak."""
+    return min(1.0, math.sqrt(-math.log(1e-8) / (2.0 * max(bfactor, 1e-3))))
+
+
 @dataclass
 class AlignResult:
     """Per-frame correction shifts (..., n, 2) in pixels of the input grid, and whether they converged."""
@@ -108,36 +115,38 @@ def align_stack(ft: Any, ny: int, nx: int, bfactor: float, max_iter: int = 5, to
     """
     xp = array_module(ft)
     fft = fft_module(xp)
-    scale = min(1.0, math.sqrt(-math.log(1e-8) / (2.0 * max(bfactor, 1e-3))))
-    cy = min(ny, max(16, 2 * math.ceil(ny * scale / 2)))
-    cx = min(nx, max(16, 2 * math.ceil(nx * scale / 2)))
+    scale = alignment_scale(bfactor)
+    cy = min(ny, fft_friendly_even(max(16, math.ceil(ny * scale))))
+    cx = min(nx, fft_friendly_even(max(16, math.ceil(nx * scale))))
     small = crop_half_rect(ft, cy, cx).astype(xp.complex64, copy=True)
     ky, kx = half_freqs(cy, cx, xp)
     weight = xp.exp(-2.0 * bfactor * ((ky / ny) ** 2 + (kx / nx) ** 2)).astype(xp.float32)
     weight[0, 0] = 0.0  # the mean (huge for counts) would swamp the float32 correlation peak
-    # Allowed peak positions (wrapped indices within the search range), in CC-grid pixels.
-    ry, rx = search_range * cy / ny, search_range * cx / nx
-    oy = xp.fft.fftfreq(cy, 1.0 / cy)[:, None]
-    ox = xp.fft.fftfreq(cx, 1.0 / cx)[None, :]
-    allowed = (xp.abs(oy) <= min(ry, cy / 2 - 2)) & (xp.abs(ox) <= min(rx, cx / 2 - 2))
+    # Peaks are searched at offsets up to (ry, rx) CC-grid pixels: a window of the (periodic) CC with
+    # one more pixel each side for the sub-pixel fit.
+    ry = math.floor(min(search_range * cy / ny, cy / 2 - 2))
+    rx = math.floor(min(search_range * cx / nx, cx / 2 - 2))
+    rows = xp.asarray(np.arange(-ry - 1, ry + 2) % cy)[:, None]
+    cols = xp.asarray(np.arange(-rx - 1, rx + 2) % cx)[None, :]
+    wx = 2 * rx + 1
     lead = ft.shape[:-2]
     total = xp.zeros(lead + (2,), dtype=xp.float32)
     rmsd: list[float] = []
     converged = xp.zeros(lead[:-1], dtype=bool)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007  # a handful of iterations, each batched over all frames
-        ref = small.sum(axis=-3, keepdims=True)
-        cc = fft.irfft2((ref - small) * xp.conj(small) * weight, s=(cy, cx))
-        cc = xp.where(allowed, cc, -xp.inf)
-        idx = xp.argmax(cc.reshape(lead + (-1,)), axis=-1)
-        iy, ix = idx // cx, idx % cx
-        dy, dx = _quadratic_peak(xp.where(xp.isfinite(cc), cc, 0), iy, ix)
-        py = xp.where(iy > cy // 2, iy - cy, iy) + dy
-        px = xp.where(ix > cx // 2, ix - cx, ix) + dx
-        step = xp.stack([px * (nx / cx), py * (ny / cy)], axis=-1).astype(xp.float32)
+        prod = small.sum(axis=-3, keepdims=True) - small  # the sum of the other frames
+        prod *= xp.conj(small)
+        prod *= weight
+        win = fft.irfft2(prod, s=(cy, cx))[..., rows, cols]
+        del prod
+        idx = xp.argmax(win[..., 1:-1, 1:-1].reshape(lead + (-1,)), axis=-1)
+        iy, ix = idx // wx + 1, idx % wx + 1
+        dy, dx = _quadratic_peak(win, iy, ix)
+        step = xp.stack([(ix - 1 - rx + dx) * (nx / cx), (iy - 1 - ry + dy) * (ny / cy)], axis=-1).astype(xp.float32)
         step = step - step[..., :1, :]
         total = total + step
-        small = small * _ramp_on_crop(step, ny, nx, cy, cx, xp)
+        apply_shifts(small, step, ny, nx)
         r = xp.sqrt((step ** 2).sum(axis=-1).mean(axis=-1))
         converged = r < 0.5  # RELION's criterion for a usable (patch) alignment
         rmsd.append(float(r.max()))
@@ -146,13 +155,17 @@ def align_stack(ft: Any, ny: int, nx: int, bfactor: float, max_iter: int = 5, to
     return AlignResult(total, converged, n_iter, rmsd)
 
 
-def _ramp_on_crop(shifts: Any, ny: int, nx: int, cy: int, cx: int, xp: Any) -> Any:
-    """Phase ramp of shifts given in pixels of the ny x nx image, on a half grid cropped to cy x cx."""
-    ky, kx = half_freqs(cy, cx, xp)
+def apply_shifts(ft: Any, shifts: Any, ny: int, nx: int) -> Any:
+    """Translate images by ``shifts`` (..., 2; x, y in pixels of an ny x nx image) in place, through
+    their half transforms ``ft`` (..., cy, cx//2+1), which may be a Fourier-cropped window of the
+    ny x nx grid.  The ramp is separable, so it is applied as two broadcast factors (one per axis)
+    without ever forming it; returns ``ft``."""
+    xp = array_module(ft)
+    ky, kx = half_freqs(ft.shape[-2], 2 * (ft.shape[-1] - 1), xp)
     s = xp.asarray(shifts, dtype=xp.float32)
-    ex = xp.exp((-2j * math.pi / nx) * (kx * s[..., 0, None, None])).astype(xp.complex64)
-    ey = xp.exp((-2j * math.pi / ny) * (ky * s[..., 1, None, None])).astype(xp.complex64)
-    return ey * ex
+    ft *= xp.exp((-2j * math.pi / nx) * (kx * s[..., 0, None, None])).astype(xp.complex64)
+    ft *= xp.exp((-2j * math.pi / ny) * (ky * s[..., 1, None, None])).astype(xp.complex64)
+    return ft
 
 
 # -------------------------------------------------------------------------------- local motion
@@ -187,6 +200,42 @@ def extract_patches(frames: Any, grid: PatchGrid) -> Any:
     iy = xp.asarray(grid.y0)[:, None] + xp.arange(grid.height)[None]  # (P, h)
     ix = xp.asarray(grid.x0)[:, None] + xp.arange(grid.width)[None]  # (P, w)
     return xp.moveaxis(frames[:, iy[:, :, None], ix[:, None, :]], 0, 1)
+
+
+def binned_aligned_frames(ft: Any, shifts: Any, ny: int, nx: int, my: int, mx: int, chunk: int = 16) -> Any:
+    """Frames (n, ny, nx//2+1 half transforms) translated by ``shifts`` (n, 2; px of the ny x nx grid),
+    as real my x mx images: Fourier cropping low-passes and downsamples in one step, so patch alignment
+    works on 1/bin^2 of the pixels and sees the same frequencies as a B-factor-weighted full-size one."""
+    xp = array_module(ft)
+    fft = fft_module(xp)
+    n = ft.shape[0]
+    out = xp.empty((n, my, mx), dtype=xp.float32)
+    for s in range(0, n, chunk):  # chunks of frames, each batched
+        small = crop_half_rect(ft[s:s + chunk], my, mx)
+        if (my, mx) == (ny, nx):
+            small = small.copy()  # not cropped: a view of the caller's transforms
+        apply_shifts(small, shifts[s:s + chunk], ny, nx)
+        out[s:s + chunk] = fft.irfft2(small, s=(my, mx)) * np.float32(my * mx / (ny * nx))
+    return out
+
+
+def binned_patch_grid(grid: PatchGrid, ry: float, rx: float, my: int, mx: int) -> PatchGrid:
+    """RELION's patch grid of a full-size frame, on a frame resampled by ``ry`` x ``rx`` to my x mx
+    (even patch sizes, inside the frame); its centres divided by the ratios are full-size pixels."""
+    w = max(2, round(grid.width * rx / 2) * 2)
+    h = max(2, round(grid.height * ry / 2) * 2)
+    x0 = np.clip(np.round(grid.x0 * rx).astype(int), 0, mx - w)
+    y0 = np.clip(np.round(grid.y0 * ry).astype(int), 0, my - h)
+    return PatchGrid(x0, y0, w, h)
+
+
+def patch_binning(ny: int, nx: int, bfactor: float, patch_x: int, patch_y: int) -> tuple[int, int]:
+    """Size (my, mx) to resample frames to for patch alignment: FFT-friendly, holding every frequency
+    the B-factor weight keeps (:func:`alignment_scale`), at least 16 px per patch, at most the frame."""
+    scale = alignment_scale(bfactor)
+    my = min(ny, fft_friendly_even(max(16 * patch_y, math.ceil(ny * scale))))
+    mx = min(nx, fft_friendly_even(max(16 * patch_x, math.ceil(nx * scale))))
+    return my, mx
 
 
 def group_sizes(n: int, group: int) -> np.ndarray:
@@ -308,17 +357,51 @@ def dose_per_frame_equivalent(frame_numbers: np.ndarray, dose_per_frame: float, 
     return doses
 
 
-def dose_weights(doses: Any, ny: int, nx: int, pixel_size: float, xp: Any) -> Any:
-    """Grant & Grigorieff weights (n, ny, nx//2+1) for exposures ``doses`` (n,), normalised so that the
-    squared weights of all frames sum to one at each frequency (RELION's Eq. 9)."""
+def _critical_exposure(ny: int, nx: int, pixel_size: float, xp: Any) -> Any:
+    """Twice Grant & Grigorieff's critical exposure (e/Å^2) on a half grid; infinite at the origin."""
     ky, kx = half_freqs(ny, nx, xp)
     k = xp.sqrt((ky / ny) ** 2 + (kx / nx) ** 2) / pixel_size
     with np.errstate(divide="ignore"):
         ne = 2.0 * (_NE_A * xp.where(k > 0, k, 1.0) ** _NE_B + _NE_C)
-    ne = xp.where(k > 0, ne, xp.inf)
-    d = xp.asarray(doses, dtype=xp.float32)[:, None, None]
-    w = xp.exp(-d / ne).astype(xp.float32)
-    return w / xp.sqrt((w * w).sum(axis=0, keepdims=True))
+    return xp.where(k > 0, ne, xp.inf).astype(xp.float32)
+
+
+def dose_weights(doses: Any, ny: int, nx: int, pixel_size: float, xp: Any) -> Any:
+    """Grant & Grigorieff weights (n, ny, nx//2+1) for exposures ``doses`` (n,), normalised so that the
+    squared weights of all frames sum to one at each frequency (RELION's Eq. 9)."""
+    return DoseWeights(doses, pixel_size, xp)(slice(None), ny, nx)
+
+
+class DoseWeights:
+    """Dose weights of one movie's frames for any grid, handed out a slice of frames at a time.
+
+    ``weights(frames_slice, ny, nx)`` -> (m, ny, nx//2+1), normalised over ALL frames as
+    :func:`dose_weights`; the normaliser is computed once per grid size, so summing a 4k movie in
+    chunks never holds (or recomputes) the weights of every frame at once.
+    """
+
+    def __init__(self, doses: Any, pixel_size: float, xp: Any):
+        self.doses = np.asarray(doses, dtype=float)
+        self.pixel_size = pixel_size
+        self.xp = xp
+        self._grids: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+    def _grid(self, ny: int, nx: int) -> tuple[Any, Any]:
+        if (ny, nx) not in self._grids:
+            xp = self.xp
+            ne = _critical_exposure(ny, nx, self.pixel_size, xp)
+            norm2 = xp.zeros_like(ne)
+            for s in range(0, len(self.doses), 8):  # chunks of frames bound the memory
+                d = xp.asarray(self.doses[s:s + 8], dtype=xp.float32)[:, None, None]
+                norm2 += xp.exp(-2.0 * d / ne).sum(axis=0)
+            self._grids = {(ny, nx): (ne, 1.0 / xp.sqrt(norm2))}  # one grid at a time: the last asked
+        return self._grids[(ny, nx)]
+
+    def __call__(self, frames: slice, ny: int, nx: int) -> Any:
+        xp = self.xp
+        ne, inv_norm = self._grid(ny, nx)
+        d = xp.asarray(self.doses[frames], dtype=xp.float32)[:, None, None]
+        return (xp.exp(-d / ne) * inv_norm).astype(xp.float32)
 
 
 # ---------------------------------------------------------------------------------------- sums
@@ -329,7 +412,7 @@ def sum_global(ft: Any, shifts: Any, ny: int, nx: int, weight_fn: Any = None, ch
     xp = array_module(ft)
     accs = [xp.zeros(ft.shape[-2:], dtype=xp.complex64) for _ in range(2 if weight_fn else 1)]
     for s in range(0, ft.shape[0], chunk):  # chunks of frames, each batched
-        part = ft[s:s + chunk] * phase_ramp(shifts[s:s + chunk], ny, nx, xp)
+        part = apply_shifts(ft[s:s + chunk].copy(), shifts[s:s + chunk], ny, nx)
         accs[0] += part.sum(axis=0)
         if weight_fn is not None:
             accs[1] += (part * weight_fn(slice(s, s + chunk), ny, nx)).sum(axis=0)
@@ -376,13 +459,30 @@ def tile_centres(layout: TileLayout) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(layout.ty) * s + s / 2.0 - 0.5, np.arange(layout.tx) * s + s / 2.0 - 0.5
 
 
-def sum_tiles(frames: Any, tile_shifts: Any, layout: TileLayout, weight_fn: Any = None, chunk: int = 4) -> Any:
+def _place_clamped(dst: Any, src: Any, oy: int, ox: int) -> None:
+    """Write ``src`` into ``dst`` so that dst[y + oy, x + ox] = src[y, x], filling the rest of ``dst``
+    with the nearest edge pixel of ``src`` (edge padding and an integer translation in one copy)."""
+    hh, ww = dst.shape
+    h, w = src.shape
+    ys, ye = min(max(oy, 0), hh - 1), max(min(oy + h, hh), 1)
+    xs, xe = min(max(ox, 0), ww - 1), max(min(ox + w, ww), 1)
+    dst[ys:ye, xs:xe] = src[ys - oy:ye - oy, xs - ox:xe - ox]
+    dst[ys:ye, :xs] = dst[ys:ye, xs:xs + 1]
+    dst[ys:ye, xe:] = dst[ys:ye, xe - 1:xe]
+    dst[:ys] = dst[ys:ys + 1]
+    dst[ye:] = dst[ye - 1:ye]
+
+
+def sum_tiles(frames: Any, tile_shifts: Any, layout: TileLayout, weight_fn: Any = None, chunk: int = 4) -> list[Any]:
     """Sum real frames (n, ny, nx), each tile of each frame translated by ``tile_shifts`` (n, ty, tx, 2).
 
-    Tiles are cut with guard bands from an edge-padded frame, phase-shifted (exact sub-pixel shifts),
-    optionally Fourier-weighted (``weight_fn(frame_slice, T, T) -> (m, T, T//2+1)``, for dose
-    weighting), summed over frames, transformed back and blended with a partition-of-unity window.
-    Returns a list of sums: [unweighted] or, with ``weight_fn``, [unweighted, weighted].
+    Tiles are cut with guard bands from an edge-padded frame (copied into one reused buffer),
+    phase-shifted (exact sub-pixel shifts), optionally Fourier-weighted (``weight_fn(frame_slice, T, T)
+    -> (m, T, T//2+1)``, for dose weighting), summed over frames, transformed back and blended with a
+    partition-of-unity window.  The shifts should be the small local ones (frames already globally
+    aligned): a tile is not periodic, so its sub-pixel shift rings faintly near its borders, which
+    the guard band and the blend keep small.  Returns a list of sums: [unweighted] or, with
+    ``weight_fn``, [unweighted, weighted].
     """
     xp = array_module(frames)
     fft = fft_module(xp)
@@ -390,17 +490,20 @@ def sum_tiles(frames: Any, tile_shifts: Any, layout: TileLayout, weight_fn: Any 
     T, S, G, R = layout.size, layout.stride, layout.guard, layout.ramp
     lo = G + R // 2
     hy, hx = layout.ty * S + T, layout.tx * S + T
+    tile_shifts = xp.asarray(tile_shifts, dtype=xp.float32)
     sums = [xp.zeros((layout.ty, layout.tx, T, T // 2 + 1), dtype=xp.complex64) for _ in range(2 if weight_fn else 1)]
+    buf = xp.empty((min(chunk, n), hy, hx), dtype=xp.float32)  # reused: no page churn per chunk
+    st = buf.strides
     for s in range(0, n, chunk):  # chunks of frames; tiles of all frames in a chunk are batched
-        part = frames[s:s + chunk]
-        pad = xp.pad(part, ((0, 0), (lo, hy - ny - lo), (lo, hx - nx - lo)), mode="edge")
-        st = pad.strides
+        m = min(chunk, n - s)
+        for f in range(m):  # an edge-padded copy per frame, each vectorised
+            _place_clamped(buf[f], frames[s + f], lo, lo)
         view = xp.lib.stride_tricks.as_strided(
-            pad, shape=(part.shape[0], layout.ty, layout.tx, T, T), strides=(st[0], S * st[1], S * st[2], st[1], st[2]))
-        ft = fft.rfft2(view) * phase_ramp(tile_shifts[s:s + chunk], T, T, xp)
+            buf, shape=(m, layout.ty, layout.tx, T, T), strides=(st[0], S * st[1], S * st[2], st[1], st[2]))
+        ft = apply_shifts(fft.rfft2(view), tile_shifts[s:s + m], T, T)
         sums[0] += ft.sum(axis=0)
         if weight_fn is not None:
-            sums[1] += (ft * weight_fn(slice(s, s + chunk), T, T)[:, None, None]).sum(axis=0)
+            sums[1] += (ft * weight_fn(slice(s, s + m), T, T)[:, None, None]).sum(axis=0)
     win = _window_1d(layout, xp)
     w2 = win[:, None] * win[None, :]
     norm = xp.zeros((hy, hx), dtype=xp.float32)
@@ -422,16 +525,17 @@ def sum_tiles(frames: Any, tile_shifts: Any, layout: TileLayout, weight_fn: Any 
 def defect_mask(frames: Any, gain: Any | None, defect_map: Any | None, hot_sigma: float = 6.0,
                 detect_hot: bool = True) -> tuple[Any, Any]:
     """Bad pixels: gain zero or non-finite, non-finite in any frame, the user's defect map, and (as
-    RELION) hot pixels above mean + 6 sigma of the unaligned sum.  Returns (mask, hot-pixel mask)."""
+    RELION) hot pixels above mean + 6 sigma of the unaligned sum.  Returns (mask, hot-pixel mask).
+    One pass over the frames: a pixel non-finite in any frame has a non-finite sum."""
     xp = array_module(frames)
-    bad = ~xp.isfinite(frames).all(axis=0)
+    total = frames.sum(axis=0)
+    bad = ~xp.isfinite(total)
     if gain is not None:
         bad |= (gain == 0) | ~xp.isfinite(gain)
     if defect_map is not None:
         bad |= defect_map
     hot = xp.zeros_like(bad)
     if detect_hot:
-        total = xp.where(bad, 0, xp.nan_to_num(frames, nan=0.0, posinf=0.0, neginf=0.0)).sum(axis=0)
         good = total[~bad]
         mean, std = good.mean(), good.std()
         hot = (total > mean + hot_sigma * std) & ~bad
@@ -441,12 +545,14 @@ def defect_mask(frames: Any, gain: Any | None, defect_map: Any | None, hot_sigma
 def fix_defects(frames: Any, bad: Any, rng: np.random.Generator, radius: int = 2, min_ok: int = 6) -> Any:
     """Replace bad pixels in every frame by a random good neighbour within ``radius`` (keeps the noise
     statistics, as RELION), or by Gaussian noise with the frame's mean and std where fewer than
-    ``min_ok`` neighbours are good.  Vectorised over bad pixels x frames."""
+    ``min_ok`` neighbours are good.  Vectorised over bad pixels x frames; ``frames`` (float32, holding
+    every non-finite value inside ``bad``) is repaired in place and returned."""
     xp = array_module(frames)
     n, ny, nx = frames.shape
     by, bx = xp.nonzero(bad)
     if by.size == 0:
         return frames
+    frames[:, by, bx] = 0  # no non-finite value is left to spoil the sums below
     good = ~bad
     nd = ndimage_module(xp)
     n_ok = nd.uniform_filter(good.astype(xp.float32), size=2 * radius + 1, mode="constant") * (2 * radius + 1) ** 2
@@ -456,7 +562,6 @@ def fix_defects(frames: Any, bad: Any, rng: np.random.Generator, radius: int = 2
     m = int(by.size)
     choice = xp.zeros((n, m), dtype=xp.float32)
     filled = xp.zeros((n, m), dtype=bool)
-    frames = xp.where(xp.isfinite(frames), frames, 0).astype(xp.float32)
     for _ in range(6):  # a few random draws; nearly every bad pixel with enough good neighbours hits one
         k = xp.asarray(rng.integers(0, len(offs), (n, m)))
         oy, ox = xp.asarray(offs[:, 0])[k], xp.asarray(offs[:, 1])[k]
@@ -465,10 +570,12 @@ def fix_defects(frames: Any, bad: Any, rng: np.random.Generator, radius: int = 2
         ok = good[yy, xx] & ~filled
         choice = xp.where(ok, frames[xp.arange(n)[:, None], yy, xx], choice)
         filled |= ok
-    fmask = good[None]
-    cnt = good.sum()
-    mean = (frames * fmask).sum(axis=(1, 2)) / cnt
-    std = xp.sqrt(((frames - mean[:, None, None]) ** 2 * fmask).sum(axis=(1, 2)) / cnt)
+    cnt = float(good.sum())
+    flat = frames.reshape(n, -1)
+    mean = flat.sum(axis=1, dtype=xp.float64) / cnt  # bad pixels are zero: sums over the good ones
+    power = xp.einsum("ij,ij->i", flat, flat, dtype=xp.float64) / cnt
+    std = xp.sqrt(xp.maximum(power - mean * mean, 0.0)).astype(xp.float32)
+    mean = mean.astype(xp.float32)
     noise = mean[:, None] + std[:, None] * xp.asarray(rng.standard_normal((n, m)), dtype=xp.float32)
     use = filled & enough[None]
     frames[:, by, bx] = xp.where(use, choice, noise)

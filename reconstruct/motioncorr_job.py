@@ -30,19 +30,22 @@ from .files.movies import read_gain, read_movie, read_movie_header
 from .files.mrc import write_map
 from .files.star import read_star, read_table, write_star
 from .motion import (
+    DoseWeights,
     LocalModel,
     accumulated_motion,
     align_stack,
+    apply_shifts,
+    binned_aligned_frames,
+    binned_patch_grid,
     crop_half_rect,
     defect_mask,
     dose_per_frame_equivalent,
-    dose_weights,
     extract_patches,
     fit_local_model,
     fix_defects,
     group_frames,
+    patch_binning,
     patch_grid,
-    phase_ramp,
     power_spectrum,
     sum_global,
     sum_tiles,
@@ -242,7 +245,7 @@ class MotionCorrJob:
         del frames
         gain = xp.asarray(self.gain) if self.gain is not None else None
         if gain is not None:
-            fr = fr * gain
+            fr *= gain
         if opts.defect_file is not None and self.defects is None:
             self.defects = _read_defects(self.root / opts.defect_file, ny, nx)
         dmap = xp.asarray(self.defects) if self.defects is not None else None
@@ -259,8 +262,11 @@ class MotionCorrJob:
         nyb, nxb = int(ny / bin_f), int(nx / bin_f)
         if (nyb % 2 or nxb % 2) and bin_f != 1:
             raise _Skip(f"{path}: {nx} x {ny} binned by {bin_f} is {nxb} x {nyb}; the binned size must be even")
+        local_ok = opts.patch_x > 2 and opts.patch_y > 2
         ft = fft.rfft2(fr)
-        del fr
+        if bin_f != 1 or not local_ok:
+            del fr  # unbinned real frames are only kept as the source of the local sums' tiles
+            fr = None
         if bin_f != 1:
             ft = crop_half_rect(ft, nyb, nxb) * np.float32(nyb * nxb / (ny * nx))
             lines.append(f"Image size after binning: X = {nxb} Y = {nyb}")
@@ -274,26 +280,31 @@ class MotionCorrJob:
         lines += ["", "Global alignment:"] + [f" Iteration {i + 1}: RMSD = {r:.4f} px" for i, r in enumerate(glob.rmsd)]
         gshift = glob.shifts  # binned px
         model = None
-        local_ok = opts.patch_x > 2 and opts.patch_y > 2
         lines += ["", "Local alignments:", f"Patches: X = {opts.patch_x} Y = {opts.patch_y}"]
         weight_fn = None
         if opts.dose_weighting:
-            doses = dose_per_frame_equivalent(used, opts.dose_per_frame, opts.preexposure, voltage)
-
-            def weight_fn(sl: slice, h: int, w: int) -> Any:
-                return dose_weights(doses, h, w, px_b, xp)[sl]
-
+            weight_fn = DoseWeights(dose_per_frame_equivalent(used, opts.dose_per_frame, opts.preexposure, voltage),
+                                    px_b, xp)
         if local_ok:
-            aligned = xp.empty((len(used), nyb, nxb), dtype=xp.float32)
-            for s in range(0, len(used), 8):  # chunks of frames
-                aligned[s:s + 8] = fft.irfft2(ft[s:s + 8] * phase_ramp(gshift[s:s + 8], nyb, nxb, xp), s=(nyb, nxb))
-            del ft  # the sums come from the aligned frames from here on
-            grid = patch_grid(nyb, nxb, opts.patch_x, opts.patch_y)
-            patches, zc = group_frames(extract_patches(aligned, grid), opts.group_frames)
-            pres = align_stack(fft.rfft2(patches), grid.height, grid.width, bfac, opts.max_iter)
+            # Patches are aligned on globally aligned frames resampled to the frequencies the B-factor
+            # keeps; the sums are tiles of the full-size aligned frames, written over the raw ones.
+            my, mx = patch_binning(nyb, nxb, bfac, opts.patch_x, opts.patch_y)
+            ry, rx = my / nyb, mx / nxb
+            grid = binned_patch_grid(patch_grid(nyb, nxb, opts.patch_x, opts.patch_y), ry, rx, my, mx)
+            small = binned_aligned_frames(ft, gshift, nyb, nxb, my, mx)
+            patches, zc = group_frames(extract_patches(small, grid), opts.group_frames)
+            del small
+            pres = align_stack(fft.rfft2(patches), grid.height, grid.width, bfac * ry * rx, opts.max_iter,
+                               search_range=50.0 * min(ry, rx))
             del patches
+            if fr is None:  # binned: real frames of the binned size
+                fr = xp.empty((len(used), nyb, nxb), dtype=xp.float32)
+            for s in range(0, len(used), 8):  # globally aligned frames (exact shifts), over the raw ones
+                fr[s:s + 8] = fft.irfft2(apply_shifts(ft[s:s + 8], gshift[s:s + 8], nyb, nxb), s=(nyb, nxb))
+            del ft
             conv = to_numpy(pres.converged)
-            model = fit_local_model(to_numpy(pres.shifts), zc, grid.centres, nyb, nxb,
+            centres = grid.centres / np.array([rx, ry])
+            model = fit_local_model(to_numpy(pres.shifts) / np.array([rx, ry]), zc, centres, nyb, nxb,
                                     weights=np.where(conv, 1.0, 0.25))
             lines.append(f"Patches converged: {int(conv.sum())} / {conv.size}")
             lines.append(f"Polynomial fit RMSD: X = {model.rmsd[0] * bin_f:.4f} px Y = {model.rmsd[1] * bin_f:.4f} px")
@@ -305,9 +316,9 @@ class MotionCorrJob:
             lines.append("Too few patches to do local alignments. Local alignment is skipped.")
         if local_ok and model is None:  # local correction failed: tiles with the global shifts only
             layout = tile_layout(nyb, nxb, 0.0)
-            sums = sum_tiles(aligned, xp.zeros((len(used), layout.ty, layout.tx, 2), dtype=xp.float32), layout,
+            sums = sum_tiles(fr, xp.zeros((len(used), layout.ty, layout.tx, 2), dtype=xp.float32), layout,
                              weight_fn)
-            del aligned
+            del fr
         elif model is not None:
             z = np.arange(len(used), dtype=float)
             probe = np.stack(np.meshgrid(np.linspace(0, nxb, 9), np.linspace(0, nyb, 9)), -1).reshape(-1, 2)
@@ -317,8 +328,8 @@ class MotionCorrJob:
             sx, sy = model.shift_at(cx[None, None, :] / nxb - 0.5, cy[None, :, None] / nyb - 0.5,
                                     z[:, None, None])
             tshift = xp.asarray(np.stack(np.broadcast_arrays(sx, sy), -1), dtype=xp.float32)
-            sums = sum_tiles(aligned, tshift, layout, weight_fn)
-            del aligned
+            sums = sum_tiles(fr, tshift, layout, weight_fn)
+            del fr
         else:
             sums = sum_global(ft, gshift, nyb, nxb, weight_fn)
             del ft

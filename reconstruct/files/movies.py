@@ -73,7 +73,10 @@ def _read_mrc(path: Path, frames: Sequence[int] | None) -> tuple[np.ndarray, flo
             data = mrc.data
             if data.ndim == 2:
                 data = data[None]
-            sel = np.asarray(data if frames is None else data[np.asarray(frames)], dtype=np.float32)
+            idx = None if frames is None else np.asarray(frames, dtype=int)
+            if idx is not None and len(idx) and (np.diff(idx) == 1).all():
+                idx = slice(int(idx[0]), int(idx[-1]) + 1)  # a run of frames: converted straight from the map
+            sel = np.array(data if idx is None else data[idx], dtype=np.float32)  # a copy: the map closes
             vs = mrc.voxel_size
             px = float(vs.x) if np.isfinite(vs.x) else 0.0
     return sel, px
