@@ -268,8 +268,9 @@ def main() -> None:
     big = big_timing(args.big, args.big_frames, args.repeats) if args.big else None
     lines = ["# Motion correction: ours vs RELION 3.1 `relion_run_motioncorr --use_own` vs torch-motion-correction",
              "", f"Simulated movies ({args.size} px, {args.frames} frames, {PX} Å/px, 1.5 e/Å²/frame, ADK particles, "
-             f"{args.movies} per set), 2 CPU cores, one program at a time, RELION with `--j 2`; both with B = 150 px², dose "
-             "weighting and the non-dose-weighted sum. Motion error: RMS over frames and particles of the "
+             f"{args.movies} per set), 2 CPU cores, one program at a time, RELION with `--j 2`; both with "
+             "B = 150 px², dose weighting and the non-dose-weighted sum. Motion error: RMS over frames and "
+             "particles of the "
              "correction (global + local model) vs the truth, px, after removing each particle's constant "
              "offset (the reference frame is arbitrary). 4-8 Å signal: correlation over the 4-8 Å band of the "
              "aligned plain (noDW) sum with the noise-free twin movie summed at the true motion, and its ratio "

@@ -29,6 +29,7 @@ from .files.errors import InputError
 from .files.movies import read_gain, read_movie, read_movie_header
 from .files.mrc import write_map
 from .files.star import read_star, read_table, write_star
+from .memory import check_fits
 from .motion import (
     DoseWeights,
     LocalModel,
@@ -234,6 +235,9 @@ class MotionCorrJob:
             raise _Skip(f"{path}: frames are {nx} x {ny} but the gain reference is "
                         f"{self.gain.shape[1]} x {self.gain.shape[0]}")
         lines.append("Frames to be used: " + " ".join(str(f) for f in used))
+        # The frames and their half transforms are held at once, plus chunk-sized temporaries.
+        check_fits(int(2.3 * 4 * len(used) * ny * nx), xp, f"motion correction of {path.name}",
+                   "free memory (fewer jobs at once) or use fewer frames (--first_frame_sum/--last_frame_sum)")
         try:
             frames, _ = read_movie(path, used - 1)
         except InputError as err:

@@ -148,6 +148,16 @@ def test_corrupt_movie_is_skipped_and_listed(tmp_path, caplog):
     assert "movie_0002" in (root / "MotionCorr/job002/skipped_movies.txt").read_text()
 
 
+def test_movie_too_large_for_memory_is_skipped_with_advice(tmp_path, monkeypatch, caplog):
+    root = _sim(tmp_path, replace(BASE, size=256))
+    monkeypatch.setattr("reconstruct.memory.available_bytes", lambda xp=None: 1_000_000)
+    with caplog.at_level(logging.WARNING, logger="reconstruct"):
+        _run(root, patch_x=1, patch_y=1)
+    text = (root / "MotionCorr/job002/skipped_movies.txt").read_text()
+    assert "movie_0001" in text and "GiB" in text and "--last_frame_sum" in text
+    assert not (root / "MotionCorr/job002/Movies/movie_0001.mrc").exists()
+
+
 def test_outputs_float16_ps_binning_tiff_and_only_unfinished(tmp_path):
     root = _sim(tmp_path, replace(BASE, n_movies=2, size=256, movie_format="tiff-lzw"))
     frames, _ = read_movie(root / "Movies/movie_0001.tif")
