@@ -122,7 +122,7 @@ def _prepare_gain(report: DownloadReport, n_check: int) -> None:
     gains = [r.path for r in report.done if r.path is not None and r.path not in movies]
     for g in gains:
         target = g
-        if g.suffix.lower() not in (".mrc", ".mrcs"):
+        if g.suffix.lower() not in (".mrc", ".mrcs", ".gain"):  # a .gain is read as it is (EER's rule)
             try:
                 target = convert_gain_to_mrc(g, g.with_suffix(".mrc"))
                 print(f"gain reference converted for RELION: {target}")

@@ -63,7 +63,10 @@ def start_empiar(project: Path, entry_id: str, overrides: dict[str, Any], base: 
     gain_local = given if local else ""
     if gain_remote:
         gain_name = Path(str(gain_remote)).name
-        gain_local = f"Movies/{Path(gain_name).stem}.mrc"
+        # Thermo Fisher's .gain stays as it is: motion correction of EER movies reads it and treats it
+        # as multiplicative (RELION's rule), which a conversion to MRC would lose.
+        keep = Path(gain_name).suffix.lower() in (".mrc", ".mrcs", ".gain")
+        gain_local = f"Movies/{gain_name}" if keep else f"Movies/{Path(gain_name).stem}.mrc"
     st = replace(base, movies="Movies/*" + (movie_suffixes[0] if len(movie_suffixes) == 1 else ""),
                  angpix=float(acq.pixel_size), voltage=float(acq.voltage), cs=float(acq.cs),
                  q0=float(acq.amplitude_contrast), dose_per_frame=float(acq.dose_per_frame),
@@ -99,7 +102,7 @@ def _convert_gain(src: Path, dst: Path) -> None:
     """The gain as MRC for motion correction (RELION reads no DM4); orientation is applied by the job."""
     from .gain import convert_gain_to_mrc
 
-    if src.suffix.lower() in (".mrc", ".mrcs"):
+    if src.suffix.lower() in (".mrc", ".mrcs", ".gain"):
         if src != dst:
             dst.write_bytes(src.read_bytes())
         return

@@ -101,7 +101,8 @@ def _motioncorr_cmds(o: Options, d: str, cont: bool) -> list[list[str]]:
            "--first_frame_sum", _n(num(o, "first_frame_sum", 1)), "--last_frame_sum", _n(num(o, "last_frame_sum", -1)),
            "--bfactor", _n(num(o, "bfactor", 150)), "--bin_factor", _n(num(o, "bin_factor", 1)),
            "--patch_x", _n(num(o, "patch_x", 1)), "--patch_y", _n(num(o, "patch_y", 1)),
-           "--dose_per_frame", _n(num(o, "dose_per_frame", 1)), "--preexposure", _n(num(o, "pre_exposure", 0))]
+           "--dose_per_frame", _n(num(o, "dose_per_frame", 1)), "--preexposure", _n(num(o, "pre_exposure", 0)),
+           "--eer_grouping", _n(num(o, "eer_grouping", 32))]
     if yes(o, "do_dose_weighting", True):
         cmd.append("--dose_weighting")
     if yes(o, "do_save_noDW"):

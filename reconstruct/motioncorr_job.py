@@ -3,7 +3,8 @@
 For each movie: gain (frames x gain, rotated/flipped as --gain_rot/--gain_flip), defect and hot-pixel
 repair, optional Fourier binning, whole-frame then patch alignment (:mod:`reconstruct.motion`),
 dose-weighted (and optionally plain) sums, a summed amplitude spectrum for CTF estimation, and
-RELION's per-movie files: ``<stem>.mrc``, ``<stem>_noDW.mrc``, ``<stem>_PS.mrc``, ``<stem>.star``
+RELION's per-movie files (EER movies rendered in fractions of ``--eer_grouping`` internal frames,
+their gain reference inverted, as RELION): ``<stem>.mrc``, ``<stem>_noDW.mrc``, ``<stem>_PS.mrc``, ``<stem>.star``
 (data_general, data_global_shift, data_local_motion_model, data_hot_pixels, data_local_shift),
 ``<stem>.log`` and a drift plot ``<stem>_shifts.png``.  The job writes ``corrected_micrographs.star``.
 A movie that cannot be read or is inconsistent is skipped with a log line and listed in
@@ -25,8 +26,9 @@ import pandas as pd
 from .backend import fft_module, get_xp, to_numpy
 from .cli_options import add_gpu_flag
 from .files.atomic import atomic_path, atomic_write_text
+from .files.eer import DEFAULT_GROUPING, check_grouping, eer_gain
 from .files.errors import InputError
-from .files.movies import read_gain, read_movie, read_movie_header
+from .files.movies import is_eer, read_gain, read_movie, read_movie_header
 from .files.mrc import write_map
 from .files.star import read_star, read_table, write_star
 from .memory import check_fits
@@ -76,6 +78,8 @@ class MotionCorrOptions:
     patch_x: int = 5
     patch_y: int = 5
     group_frames: int = 1
+    eer_grouping: int = DEFAULT_GROUPING  # EER internal frames per movie frame (fraction)
+    eer_upsampling: int = 1  # 1: the detector's 4K grid (2, 8K, is not supported)
     defect_file: Path | None = None
     dose_weighting: bool = False
     dose_per_frame: float = 1.0
@@ -168,6 +172,13 @@ class MotionCorrJob:
             raise InputError(None, f"--bin_factor must be >= 1, not {opts.bin_factor}")
         star = self.root / opts.input
         self.movies = read_table(star, "movies", required=("rlnMicrographMovieName",))
+        names = self.movies.data["rlnMicrographMovieName"].astype(str)
+        self.eer = bool(len(names)) and is_eer(names.iloc[0])
+        if self.eer:
+            check_grouping(opts.eer_grouping, opts.eer_upsampling)
+            if not all(is_eer(m) for m in names):
+                raise InputError(star, "mixes EER and other movies",
+                                 "import EER movies in their own job (their gain and frames are handled differently)")
         self.optics = self.movies.optics.copy()
         if "rlnVoltage" not in self.optics.columns:
             if opts.voltage <= 0:
@@ -187,11 +198,27 @@ class MotionCorrJob:
             if self.gain_path.suffix.lower().startswith(".dm"):
                 raise InputError(self.gain_path, "Digital Micrograph gain references cannot be read",
                                  "convert it to MRC first (IMOD dm2mrc)")
-            self.gain = _transform_gain(read_gain(self.root / self.gain_path), opts.gain_rot, opts.gain_flip)
+            raw = read_gain(self.root / self.gain_path)
+            if self.eer:
+                raw = self._eer_gain(raw, str(names.iloc[0]))
+            self.gain = _transform_gain(raw, opts.gain_rot, opts.gain_flip)
             self.gain_used = str(self.gain_path)
         self.xp = get_xp(opts.gpu)
         self.rng = np.random.default_rng(opts.seed)
         self.defects: np.ndarray | None = None
+
+    def _eer_gain(self, raw: np.ndarray, first_movie: str) -> np.ndarray:
+        """RELION's EER gain rule: a Thermo Fisher ``.gain`` (TIFF, read flipped as all TIFFs) is flipped
+        back and used as it is; any other gain holds counts and is inverted (:func:`eer_gain`)."""
+        multiplicative = self.gain_path is not None and self.gain_path.suffix.lower() == ".gain"
+        try:
+            head = read_movie_header(self.root / first_movie, self.opts.eer_grouping)
+            shape: tuple[int, int] | None = (head.ny, head.nx)
+        except InputError:
+            shape = None  # the movie's own problem is reported when it is corrected
+        log.info("EER gain reference %s: %s", self.gain_path,
+                 "Thermo Fisher .gain, used as it is" if multiplicative else "counts, inverted (mean / gain)")
+        return eer_gain(raw[::-1] if multiplicative else raw, multiplicative, shape)
 
     # ------------------------------------------------------------------ bookkeeping
     def names(self, movie: str) -> dict[str, Path]:
@@ -220,11 +247,13 @@ class MotionCorrJob:
         lines: list[str] = [f"Working on {movie}", ""]
         path = self.root / movie
         try:
-            head = read_movie_header(path)
+            head = read_movie_header(path, opts.eer_grouping)
         except InputError as err:
             raise _Skip(str(err)) from None
         ny, nx, n_all = head.ny, head.nx, head.n_frames
         lines.append(f"Movie size: X = {nx} Y = {ny} N = {n_all}")
+        if self.eer:
+            lines.append(f"EER movie: fractions of {opts.eer_grouping} internal frames (upsampling 1)")
         last = n_all if opts.last_frame_sum <= 0 else opts.last_frame_sum
         if last > n_all:
             raise _Skip(f"{path}: has {n_all} frames but --last_frame_sum is {last} (truncated movie?)")
@@ -239,7 +268,7 @@ class MotionCorrJob:
         check_fits(int(2.3 * 4 * len(used) * ny * nx), xp, f"motion correction of {path.name}",
                    "free memory (fewer jobs at once) or use fewer frames (--first_frame_sum/--last_frame_sum)")
         try:
-            frames, _ = read_movie(path, used - 1)
+            frames, _ = read_movie(path, used - 1, opts.eer_grouping)
         except InputError as err:
             raise _Skip(str(err)) from None
         optics = self.optics_row(group)
@@ -369,6 +398,9 @@ class MotionCorrJob:
             general["rlnMicrographGainName"] = self.gain_used
         if self.opts.defect_file is not None:
             general["rlnMicrographDefectFile"] = str(self.opts.defect_file)
+        if self.eer:
+            general.update({"rlnEERUpsampling": int(self.opts.eer_upsampling),
+                            "rlnEERGrouping": int(self.opts.eer_grouping)})
         general.update({"rlnMicrographBinning": float(self.opts.bin_factor),
                         "rlnMicrographOriginalPixelSize": angpix,
                         "rlnMicrographDoseRate": float(self.opts.dose_per_frame),
@@ -437,7 +469,7 @@ class MotionCorrJob:
             return
         for movie in movies[:5]:
             try:
-                head = read_movie_header(self.root / movie)
+                head = read_movie_header(self.root / movie, self.opts.eer_grouping)
             except InputError:
                 continue
             if self.gain.shape == (head.ny, head.nx):
@@ -523,7 +555,8 @@ def _cmd(a: argparse.Namespace) -> None:
         input=Path(a.i), output=Path(a.o), first_frame_sum=a.first_frame_sum, last_frame_sum=a.last_frame_sum,
         bin_factor=a.bin_factor, bfactor=a.bfactor, gainref=Path(a.gainref) if a.gainref else None,
         gain_rot=a.gain_rot, gain_flip=a.gain_flip, patch_x=a.patch_x, patch_y=a.patch_y,
-        group_frames=a.group_frames, defect_file=Path(a.defect_file) if a.defect_file else None,
+        group_frames=a.group_frames, eer_grouping=a.eer_grouping, eer_upsampling=a.eer_upsampling,
+        defect_file=Path(a.defect_file) if a.defect_file else None,
         dose_weighting=a.dose_weighting, dose_per_frame=a.dose_per_frame, preexposure=a.preexposure,
         voltage=a.voltage, angpix=a.angpix, save_noDW=a.save_noDW, grouping_for_ps=a.grouping_for_ps,
         ps_size=a.ps_size, float16=a.float16, max_iter=a.max_iter, skip_defect=a.skip_defect,
@@ -541,7 +574,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="motion-correct movies (like relion_run_motioncorr --use_own)",
         description="Beam-induced motion correction: whole-frame then patch alignment (RELION's polynomial "
                     "deformation model, fitted robustly), dose weighting, power spectra; writes a RELION "
-                    "MotionCorr job directory. EER movies are not supported (convert them to TIFF).")
+                    "MotionCorr job directory. MRC, TIFF and EER movies.")
     s.add_argument("--i", required=True, help="movies.star from an Import job")
     s.add_argument("--o", required=True, help="output job directory, e.g. MotionCorr/job002")
     s.add_argument("--first_frame_sum", type=int, default=1, help="first frame to use (1-based)")
@@ -557,6 +590,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--patch_x", type=int, default=5, help="patches along X (<= 2: global alignment only)")
     s.add_argument("--patch_y", type=int, default=5, help="patches along Y (<= 2: global alignment only)")
     s.add_argument("--group_frames", type=int, default=1, help="sum this many frames for patch alignment")
+    s.add_argument("--eer_grouping", type=int, default=DEFAULT_GROUPING,
+                   help="EER movies: internal frames summed into one movie frame (fraction); internal frames "
+                        "left over after the last whole fraction are not used. --dose_per_frame is then the dose "
+                        "of one fraction")
+    s.add_argument("--eer_upsampling", type=int, default=1, choices=(1,),
+                   help="EER movies: 1 renders the detector's 4K grid (8K super-resolution is not supported)")
     s.add_argument("--defect_file", default=None, help="MotionCor2 defect list (x y w h, .txt) or defect map image")
     s.add_argument("--dose_weighting", action="store_true", help="dose-weight the sum (Grant & Grigorieff 2015)")
     s.add_argument("--dose_per_frame", type=float, default=1.0, help="exposure per frame (e/Å^2)")

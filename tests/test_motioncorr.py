@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 import starfile
 
+from reconstruct.files.eer import check_grouping, eer_gain, read_eer, write_eer
 from reconstruct.files.errors import InputError
-from reconstruct.files.movies import read_movie
+from reconstruct.files.movies import read_movie, read_movie_header
+from reconstruct.files.mrc import write_map
 from reconstruct.motion import poly_terms
 from reconstruct.motioncorr_job import MotionCorrOptions, _transform_gain, output_stem, register, run_motioncorr
 from reconstruct.simulate import MovieSimulation, simulate_movies
@@ -195,3 +197,66 @@ def test_stem_rule_and_cli_registration(tmp_path):
     assert a.func.__module__ == "reconstruct.motioncorr_job" and a.gain_rot == 1 and a.patch_x == 5
     with pytest.raises(InputError, match="grouping_for_ps"):
         run_motioncorr(MotionCorrOptions(tmp_path / "none.star", tmp_path / "out", float16=True))
+
+
+def _eer_movie(root: Path, n: int, group: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An EER movie of a drifting high-contrast texture: each internal frame draws one electron per
+    pixel with probability 0.05-0.95 from the texture shifted by that fraction's drift.  Returns the
+    true correction (n, 2) in RELION's convention (zero at the first frame)."""
+    from reconstruct.motion import phase_ramp
+
+    ft = np.fft.rfft2(rng.normal(size=(size, size)))
+    ft *= np.exp(-(np.fft.fftfreq(size)[:, None] ** 2 + np.fft.rfftfreq(size)[None] ** 2) * 400)
+    drift = np.cumsum(rng.normal(0, 1.0, (n, 2)), axis=0)
+    drift -= drift[0]
+    tex = np.fft.irfft2(ft[None] * phase_ramp(drift, size, size, np), s=(size, size))
+    p = 0.5 + 0.45 * np.tanh(tex / tex.std())
+    events = rng.random((n, group, size, size)) < p[:, None]
+    (root / "Movies").mkdir(parents=True)
+    write_eer(root / "Movies/m.eer", events.reshape(-1, size, size).astype(np.uint8))
+    starfile.write({"optics": pd.DataFrame([{"rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1,
+                                             "rlnMicrographOriginalPixelSize": 1.0, "rlnVoltage": 300.0,
+                                             "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}]),
+                    "movies": pd.DataFrame([{"rlnMicrographMovieName": "Movies/m.eer", "rlnOpticsGroup": 1}])},
+                   root / "movies.star")
+    return -drift
+
+
+def test_eer_movies_rendered_in_fractions_align_and_take_relions_gain_rule(tmp_path):
+    truth = _eer_movie(tmp_path, 10, 6, 256, np.random.default_rng(4))  # 60 internal frames
+    movie = tmp_path / "Movies/m.eer"
+    assert read_movie_header(movie, 6).n_frames == 10
+    assert read_movie_header(movie, 8).n_frames == 7  # 4 internal frames left over are not used
+    with pytest.raises(InputError, match="eer_upsampling"):
+        check_grouping(6, 2)
+    gain = np.full((256, 256), 4.0, dtype=np.float32)
+    gain[10, 20] = 0.0  # a dead pixel
+    write_map(tmp_path / "gain_counts.mrc", gain, 1.0)
+    star = _run(tmp_path, patch_x=1, patch_y=1, eer_grouping=6, gainref=Path("gain_counts.mrc"))
+    b = starfile.read(tmp_path / "MotionCorr/job002/Movies/m.star", always_dict=True)
+    assert int(b["general"]["rlnEERGrouping"]) == 6 and int(b["general"]["rlnImageSizeZ"]) == 10
+    est = b["global_shift"][["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+    assert np.abs(truth).max() > 2 and np.sqrt(((est - truth) ** 2).sum(1).mean()) < 0.3
+    assert starfile.read(tmp_path / star, always_dict=True)["micrographs"].shape[0] == 1
+    # RELION's EER gain rule: a counts gain is inverted (mean / gain), zeros stay defects; a
+    # Thermo Fisher .gain is multiplicative already; an 8K gain is summed to the 4K grid.
+    g = eer_gain(gain, multiplicative=False)
+    assert g[10, 20] == 0 and g[0, 0] == pytest.approx(gain.mean() / 4.0)
+    np.testing.assert_array_equal(eer_gain(gain, multiplicative=True), gain)
+    assert eer_gain(np.ones((8, 8)), True, (4, 4)).tolist() == np.full((4, 4), 4.0).tolist()
+
+
+def test_eer_code_round_trips_through_tifffile(tmp_path):
+    rng = np.random.default_rng(2)
+    events = (rng.random((6, 50, 300)) < 0.05).astype(np.uint8)
+    events[0] = 0  # an empty internal frame
+    events[1, -1, -1] = 1  # an electron on the last pixel
+    events[2, :, :200] = 0  # a run longer than 127 pixels
+    write_eer(tmp_path / "m.eer", events)
+    np.testing.assert_array_equal(read_eer(tmp_path / "m.eer", None, 1), events.astype(np.float32))
+    np.testing.assert_array_equal(read_eer(tmp_path / "m.eer", [1], 3)[0], events[3:].sum(0))
+    with pytest.raises(InputError, match="fraction"):
+        read_eer(tmp_path / "m.eer", [2], 3)
+    (tmp_path / "bad.eer").write_bytes((tmp_path / "m.eer").read_bytes()[:400])
+    with pytest.raises(InputError):
+        read_eer(tmp_path / "bad.eer", None, 1)

@@ -1,9 +1,9 @@
-"""Movie frames in, as RELION reads them: MRC/MRCS stacks (modes 0, 1, 2, 6, 12) and TIFF stacks.
+"""Movie frames in, as RELION reads them: MRC/MRCS stacks (modes 0, 1, 2, 6, 12), TIFF stacks and EER.
 
 TIFF movies (one page per frame, any compression ``tifffile`` or Pillow can decode, LZW included) are
 flipped along Y on reading, as RELION does whatever the TIFF orientation tag says, so a gain
-reference made for RELION matches.  EER is not supported: convert EER movies to TIFF first
-(``relion_convert_to_tiff``).  Every failure becomes an :class:`InputError` naming the file.
+reference made for RELION matches.  EER movies are rendered in fractions of ``eer_grouping``
+internal frames, unflipped (:mod:`.eer`).  Every failure becomes an :class:`InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from .eer import DEFAULT_GROUPING, EER_SUFFIX, eer_shape, read_eer
 from .errors import InputError
 from .mrc import read_mrc_header
 
@@ -37,22 +38,31 @@ def _kind(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         return "tiff"
-    if suffix == ".eer":
-        raise InputError(path, "EER movies are not supported",
-                         "convert them to TIFF first (e.g. relion_convert_to_tiff) and import those")
+    if suffix == EER_SUFFIX:
+        return "eer"
     if suffix in MRC_SUFFIXES:
         return "mrc"
-    raise InputError(path, f"unknown movie format '{suffix}'", "movies must be .mrc, .mrcs, .tif or .tiff")
+    raise InputError(path, f"unknown movie format '{suffix}'", "movies must be .mrc, .mrcs, .tif, .tiff or .eer")
 
 
-def read_movie_header(path: str | Path) -> MovieHeader:
-    """Shape and pixel size of a movie without reading its frames (validates the file)."""
+def is_eer(path: str | Path) -> bool:
+    """Whether ``path`` names an EER movie (by its extension, as RELION decides)."""
+    return Path(path).suffix.lower() == EER_SUFFIX
+
+
+def read_movie_header(path: str | Path, eer_grouping: int = DEFAULT_GROUPING) -> MovieHeader:
+    """Shape and pixel size of a movie without reading its frames (validates the file).  An EER
+    movie's frames are its fractions of ``eer_grouping`` internal frames."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found", "check the path; STAR paths are relative to the project directory")
-    if _kind(path) == "mrc":
+    kind = _kind(path)
+    if kind == "mrc":
         h = read_mrc_header(path)
         return MovieHeader(h.shape[0], h.shape[1], h.shape[2], h.pixel_size)
+    if kind == "eer":
+        n, ny, nx = eer_shape(path, eer_grouping)
+        return MovieHeader(n, ny, nx, 0.0)
     import tifffile
 
     try:
@@ -116,24 +126,36 @@ def _read_tiff(path: Path, frames: Sequence[int] | None) -> np.ndarray:
     return np.ascontiguousarray(data[:, ::-1, :])  # RELION flips TIFF along Y
 
 
-def read_movie(path: str | Path, frames: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
+def read_movie(path: str | Path, frames: Sequence[int] | None = None, eer_grouping: int = DEFAULT_GROUPING
+               ) -> tuple[np.ndarray, float]:
     """Frames (0-based indices ``frames``, default all) as float32 [n, y, x] and the pixel size (Å; 0 if
-    the file does not say).  Non-finite pixels are kept: motion correction treats them as defects."""
+    the file does not say).  Non-finite pixels are kept: motion correction treats them as defects.
+    An EER movie's frames are its fractions of ``eer_grouping`` internal frames."""
     path = Path(path)
-    head = read_movie_header(path)
+    head = read_movie_header(path, eer_grouping)
     if frames is not None:
         bad = [f for f in frames if not 0 <= int(f) < head.n_frames]
         if bad:
             raise InputError(path, f"has {head.n_frames} frames; frame(s) {[b + 1 for b in bad]} requested",
                              "the movie is truncated or --last_frame_sum is too large")
-    if _kind(path) == "mrc":
+    kind = _kind(path)
+    if kind == "mrc":
         return _read_mrc(path, frames)
+    if kind == "eer":
+        return read_eer(path, frames, eer_grouping), head.pixel_size
     return _read_tiff(path, frames), head.pixel_size
 
 
 def read_gain(path: str | Path) -> np.ndarray:
-    """A gain reference (MRC, or TIFF flipped along Y as RELION reads it) as float32 [y, x]."""
-    data, _ = read_movie(path)
+    """A gain reference (MRC, or TIFF -- Thermo Fisher's ``.gain`` files are TIFF -- flipped along Y as
+    RELION reads it) as float32 [y, x]."""
+    path = Path(path)
+    if path.suffix.lower() == ".gain":
+        if not path.exists():
+            raise InputError(path, "file not found", "check the path of the gain reference")
+        data = _read_tiff(path, [0])
+    else:
+        data, _ = read_movie(path)
     if data.shape[0] != 1:
         raise InputError(path, f"holds {data.shape[0]} sections; a gain reference is one image",
                          "pass a single 2D gain image")
