@@ -3,6 +3,8 @@
 import argparse
 import logging
 import os
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,10 +201,10 @@ def test_stem_rule_and_cli_registration(tmp_path):
         run_motioncorr(MotionCorrOptions(tmp_path / "none.star", tmp_path / "out", float16=True))
 
 
-def _eer_movie(root: Path, n: int, group: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def _eer_movie(root: Path, n: int, group: int, size: int, rng: np.random.Generator, mean: float = 0.5) -> np.ndarray:
     """An EER movie of a drifting high-contrast texture: each internal frame draws one electron per
-    pixel with probability 0.05-0.95 from the texture shifted by that fraction's drift.  Returns the
-    true correction (n, 2) in RELION's convention (zero at the first frame)."""
+    pixel with probability mean (1 +- 0.9) from the texture shifted by that fraction's drift.  Returns
+    the true correction (n, 2) in RELION's convention (zero at the first frame)."""
     from reconstruct.motion import phase_ramp
 
     ft = np.fft.rfft2(rng.normal(size=(size, size)))
@@ -210,7 +212,7 @@ def _eer_movie(root: Path, n: int, group: int, size: int, rng: np.random.Generat
     drift = np.cumsum(rng.normal(0, 1.0, (n, 2)), axis=0)
     drift -= drift[0]
     tex = np.fft.irfft2(ft[None] * phase_ramp(drift, size, size, np), s=(size, size))
-    p = 0.5 + 0.45 * np.tanh(tex / tex.std())
+    p = mean * (1 + 0.9 * np.tanh(tex / tex.std()))
     events = rng.random((n, group, size, size)) < p[:, None]
     (root / "Movies").mkdir(parents=True)
     write_eer(root / "Movies/m.eer", events.reshape(-1, size, size).astype(np.uint8))
@@ -260,3 +262,28 @@ def test_eer_code_round_trips_through_tifffile(tmp_path):
     (tmp_path / "bad.eer").write_bytes((tmp_path / "m.eer").read_bytes()[:400])
     with pytest.raises(InputError):
         read_eer(tmp_path / "bad.eer", None, 1)
+
+
+@pytest.mark.relion
+@pytest.mark.skipif(shutil.which("relion_run_motioncorr") is None,
+                    reason="RELION 3.1 is not installed (apt-get install relion); interop tests need it")
+def test_relion_reads_our_eer_and_agrees_with_our_rendering(tmp_path):
+    """relion_run_motioncorr --use_own on an EER movie we wrote (RELION renders 4K EER only): its
+    fractions of --eer_grouping internal frames are ours (same shifts, same orientation, same sum)."""
+    truth = _eer_movie(tmp_path, 4, 3, 4096, np.random.default_rng(4), mean=0.1)
+    common = ["--eer_grouping", "3", "--patch_x", "1", "--patch_y", "1", "--bfactor", "150", "--dose_per_frame", "1"]
+    res = subprocess.run(["relion_run_motioncorr", "--i", "movies.star", "--o", "MotionCorr/relion/", "--use_own",
+                          "--j", "2", *common], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _run(tmp_path, eer_grouping=3, patch_x=1, patch_y=1, dose_per_frame=1.0)
+
+    def shifts(job: str) -> np.ndarray:
+        b = starfile.read(tmp_path / f"MotionCorr/{job}/Movies/m.star", always_dict=True)
+        return b["global_shift"][["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy()
+
+    ours, theirs = shifts("job002"), shifts("relion")
+    assert np.sqrt(((ours - truth) ** 2).sum(1).mean()) < 0.1
+    assert np.sqrt(((ours - theirs) ** 2).sum(1).mean()) < 0.2
+    a = mrcfile.read(tmp_path / "MotionCorr/job002/Movies/m.mrc")[32:-32, 32:-32]
+    b = mrcfile.read(tmp_path / "MotionCorr/relion/Movies/m.mrc")[32:-32, 32:-32]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99 and a.mean() == pytest.approx(b.mean(), rel=1e-3)
