@@ -4,7 +4,7 @@ For each movie: gain (frames x gain, rotated/flipped as --gain_rot/--gain_flip),
 repair, optional Fourier binning, whole-frame then patch alignment (:mod:`reconstruct.motion`),
 dose-weighted (and optionally plain) sums, a summed amplitude spectrum for CTF estimation, and
 RELION's per-movie files (EER movies rendered in fractions of ``--eer_grouping`` internal frames,
-their gain reference inverted, as RELION): ``<stem>.mrc``, ``<stem>_noDW.mrc``, ``<stem>_PS.mrc``, ``<stem>.star``
+with RELION's EER gain rule): ``<stem>.mrc``, ``<stem>_noDW.mrc``, ``<stem>_PS.mrc``, ``<stem>.star``
 (data_general, data_global_shift, data_local_motion_model, data_hot_pixels, data_local_shift),
 ``<stem>.log`` and a drift plot ``<stem>_shifts.png``.  The job writes ``corrected_micrographs.star``.
 A movie that cannot be read or is inconsistent is skipped with a log line and listed in
@@ -298,7 +298,7 @@ class MotionCorrJob:
         local_ok = opts.patch_x > 2 and opts.patch_y > 2
         ft = fft.rfft2(fr)
         if bin_f != 1 or not local_ok:
-            del fr  # unbinned real frames are only kept as the source of the local sums' tiles
+            del fr  # the full-size buffer is kept only to receive the aligned frames of the local sums
             fr = None
         if bin_f != 1:
             ft = crop_half_rect(ft, nyb, nxb) * np.float32(nyb * nxb / (ny * nx))
