@@ -1,9 +1,12 @@
 """Load test and fuzz run of the ranker's HTTP service, on loopback only.
 
 Starts `ranker serve` (one uvicorn process, the shipped model), then
-1. load: N concurrent clients post a K-class 64x64 stack each, back to back, for T seconds: requests per
-   second, p50/p99 latency, errors, server memory (RSS) before and after;
-2. fuzz: schemathesis against the server's OpenAPI schema, checking that no response is a 5xx.
+1. load: N concurrent clients post a K-class 64x64 stack each, back to back, for T seconds, ``--rounds``
+   times: requests per second, p50/p99 latency, errors, and the server's memory (RSS) at the end of
+   each round and again after 3 s idle (a leak grows round over round; freed memory comes back when idle);
+2. fuzz: schemathesis against the server's OpenAPI schema, checking that no response is a 5xx;
+3. the compute bound: the network alone on one request's classes in this process (same cores), so the
+   latency that N back-to-back clients cannot beat is known: N x (network time per request).
 
     python benchmarks/bench_service.py                       # 16 clients, 100 classes, 30 s; fuzz 200 cases
     python benchmarks/bench_service.py --clients 4 --seconds 10 --fuzz_examples 50
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="duration of the load test (default 30)")
     ap.add_argument("--fuzz_examples", type=int, default=200, help="schemathesis examples per operation (default 200)")
     ap.add_argument("--fuzz_seconds", type=int, default=120, help="time budget of the fuzz run (default 120)")
+    ap.add_argument("--rounds", type=int, default=3, help="load rounds (default 3)")
     args = ap.parse_args()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -131,22 +135,50 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             payload = _stack(args.classes, args.box, Path(tmp) / "classes.mrcs")
         httpx.post(f"{url}/v1/score", files={"stack": ("c.mrcs", payload)}, timeout=120)  # warm-up
-        rss = [_rss_mb(server.pid)]
-        load = load_test(url, payload, args.clients, args.seconds)
-        rss.append(_rss_mb(server.pid))
-        again = load_test(url, payload, args.clients, args.seconds)  # a second round: a leak would keep growing
-        rss.append(_rss_mb(server.pid))
+        time.sleep(3)
+        start_rss = _rss_mb(server.pid)
+        rounds = []
+        for _ in range(args.rounds):  # a leak would keep growing round over round
+            ld = load_test(url, payload, args.clients, args.seconds)
+            ld["rss_busy_mb"] = _rss_mb(server.pid)
+            time.sleep(3)  # the batcher hands freed memory back after 1 s idle
+            ld["rss_idle_mb"] = _rss_mb(server.pid)
+            rounds.append(ld)
+            print(ld, flush=True)
         fz = fuzz(url, args.fuzz_examples, args.fuzz_seconds)
-        rss.append(_rss_mb(server.pid))
+        time.sleep(3)
+        fuzz_rss = _rss_mb(server.pid)
         alive = httpx.get(f"{url}/v1/health", timeout=5).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result = {"load": load, "load_again": again, "rss_mb": rss, "fuzz": fz, "alive_after": alive,
-              "args": vars(args), "cores": os.cpu_count()}
+    bound = network_bound(payload, args.classes)
+    result = {"rounds": rounds, "rss_start_mb": start_rss, "rss_after_fuzz_mb": fuzz_rss, "fuzz": fz,
+              "alive_after": alive, "network_s_per_request": bound, "args": vars(args), "cores": os.cpu_count()}
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "service.json").write_text(json.dumps(result, indent=1))
     write_table(result)
+
+
+def network_bound(payload: bytes, classes: int, repeats: int = 5) -> float:
+    """Median seconds the shipped network takes for one request's classes (features excluded)."""
+    import torch
+
+    from ranker.model_store import load_model
+    from ranker.score import predict
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(None)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(classes, 64, 64)).astype(np.float32)
+    feats = rng.normal(size=(classes, 24)).astype(np.float32)
+    predict(model.net, images, feats, 512)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predict(model.net, images, feats, 512)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def write_table(r: dict) -> None:
@@ -155,13 +187,20 @@ def write_table(r: dict) -> None:
     lines = [f"# Ranker HTTP service on loopback ({r['cores']} cores, one uvicorn process, shipped model)", "",
              f"Load: {a['clients']} concurrent clients posting {a['classes']}-class {a['box']}x{a['box']} stacks "
              f"back to back for {a['seconds']:.0f} s (image-only features).", "",
-             "| round | requests | errors | requests/s | classes/s | p50 latency (s) | p99 latency (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, ld in (("1", r["load"]), ("2 (same again)", r["load_again"])):
-        lines.append(f"| {name} | {ld['requests']} | {ld['errors']} | {ld['rps']:.2f} | {ld['rps'] * a['classes']:.0f} "
-                     f"| {ld['p50_s']:.2f} | {ld['p99_s']:.2f} |")
-    lines += ["", "Server memory (RSS, MB) at start / after round 1 / after round 2 / after the fuzz run: "
-              + " / ".join(f"{v:.0f}" for v in r["rss_mb"]), ""]
+             "| round | requests | errors | requests/s | classes/s | p50 latency (s) | p99 latency (s) "
+             "| RSS at the end (MB) | RSS after 3 s idle (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, ld in enumerate(r["rounds"]):
+        lines.append(f"| {i + 1} | {ld['requests']} | {ld['errors']} | {ld['rps']:.2f} "
+                     f"| {ld['rps'] * a['classes']:.0f} | {ld['p50_s']:.2f} | {ld['p99_s']:.2f} "
+                     f"| {ld['rss_busy_mb']:.0f} | {ld['rss_idle_mb']:.0f} |")
+    t = r["network_s_per_request"]
+    lines += ["", f"Server memory (RSS) idle before the load: {r['rss_start_mb']:.0f} MB; 3 s after the fuzz run: "
+              f"{r['rss_after_fuzz_mb']:.0f} MB.", "",
+              f"Compute bound: the network alone takes {t:.3f} s for one request's {a['classes']} classes on these "
+              f"cores (features excluded), so the server cannot exceed {1 / t:.1f} requests/s, and "
+              f"{a['clients']} clients posting back to back cannot see a mean latency below "
+              f"{a['clients']} x {t:.3f} = {a['clients'] * t:.2f} s.", ""]
     fz = r["fuzz"]
     if "skipped" in fz:
         lines.append(f"Fuzz: skipped ({fz['skipped']}).")

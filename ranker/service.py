@@ -36,6 +36,32 @@ log = logging.getLogger("ranker.service")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None elsewhere, e.g. musl or macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system.  Scoring frees everything it allocates, but
+    glibc keeps the freed pages of its per-thread arenas mapped, so a server's resident memory would
+    stay at its busiest level; the batcher calls this once it has been idle for a second."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 @dataclass
 class ServiceConfig:
     """Limits and security of the service."""
@@ -73,16 +99,26 @@ def read_token(path: str | Path) -> str:
 class Batcher:
     """Gathers concurrent scoring requests into one forward pass of the network."""
 
-    def __init__(self, model: RankerModel, device: str, window_s: float) -> None:
-        self.model, self.device, self.window_s = model, device, window_s
+    def __init__(self, model: RankerModel, device: str, window_s: float, idle_s: float = 1.0) -> None:
+        self.model, self.device, self.window_s, self.idle_s = model, device, window_s, idle_s
         self.queue: asyncio.Queue[tuple[np.ndarray, np.ndarray, asyncio.Future]] = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.batches = 0
+        self.trims = 0
+        self._dirty = False
 
     async def run(self) -> None:
-        """Worker loop: take one request, wait briefly for more, score them together."""
+        """Worker loop: take one request, wait briefly for more, score them together; after
+        ``idle_s`` without requests, hand the freed memory back to the system once."""
         while True:
-            items = [await self.queue.get()]
+            try:
+                first = await asyncio.wait_for(self.queue.get(), timeout=self.idle_s)
+            except asyncio.TimeoutError:
+                if self._dirty:
+                    await asyncio.to_thread(release_free_memory)
+                    self._dirty, self.trims = False, self.trims + 1
+                continue
+            items = [first]
             await asyncio.sleep(self.window_s)
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
@@ -101,6 +137,7 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(scores[start:start + len(im)])
                 start += len(im)
+            self._dirty = True
 
     async def score(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Scores of one request's classes."""

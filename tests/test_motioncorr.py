@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import starfile
 
+from reconstruct.backend import gpu_available
 from reconstruct.files.eer import check_grouping, eer_gain, read_eer, write_eer
 from reconstruct.files.errors import InputError
 from reconstruct.files.movies import read_movie, read_movie_header
@@ -287,3 +288,29 @@ def test_relion_reads_our_eer_and_agrees_with_our_rendering(tmp_path):
     a = mrcfile.read(tmp_path / "MotionCorr/job002/Movies/m.mrc")[32:-32, 32:-32]
     b = mrcfile.read(tmp_path / "MotionCorr/relion/Movies/m.mrc")[32:-32, 32:-32]
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99 and a.mean() == pytest.approx(b.mean(), rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device (none here)")
+def test_cpu_and_gpu_motion_correction_and_picking_agree(tmp_path):
+    """The same job on NumPy and on CuPy: the same shifts, local model and sums; the same picks."""
+    root = _sim(tmp_path, replace(BASE, size=512, local_motion=3.0, seed=3))
+    _run(root, patch_x=5, patch_y=5, dose_weighting=True, dose_per_frame=1.5, gpu=False)
+    os.rename(root / "MotionCorr/job002", root / "MotionCorr/cpu")
+    _run(root, patch_x=5, patch_y=5, dose_weighting=True, dose_per_frame=1.5, gpu=True)
+    cpu = starfile.read(root / "MotionCorr/cpu/Movies/movie_0001.star", always_dict=True)
+    gpu = starfile.read(root / "MotionCorr/job002/Movies/movie_0001.star", always_dict=True)
+    cols = ["rlnMicrographShiftX", "rlnMicrographShiftY"]
+    np.testing.assert_allclose(gpu["global_shift"][cols].to_numpy(), cpu["global_shift"][cols].to_numpy(), atol=0.02)
+    np.testing.assert_allclose(gpu["local_motion_model"]["rlnMotionModelCoeff"].to_numpy(),
+                               cpu["local_motion_model"]["rlnMotionModelCoeff"].to_numpy(), atol=0.05)
+    a = mrcfile.read(root / "MotionCorr/cpu/Movies/movie_0001.mrc")
+    b = mrcfile.read(root / "MotionCorr/job002/Movies/movie_0001.mrc")
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9999
+    from reconstruct.backend import get_xp
+    from reconstruct.log_picker import LoGParams, pick_micrograph
+
+    params = LoGParams(60.0, 80.0, 0.0)
+    p_cpu = pick_micrograph(a, 1.5, params)
+    p_gpu = pick_micrograph(get_xp(True).asarray(a), 1.5, params)
+    np.testing.assert_allclose(np.sort(p_gpu.x), np.sort(p_cpu.x), atol=1e-3)

@@ -72,6 +72,20 @@ def test_scores_equal_ranker_score(model, job):
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_idle_server_hands_freed_memory_back(model, job):
+    """After a second without requests the batcher releases the C heap's free pages once (glibc's
+    malloc_trim), so resident memory falls back from its busiest level instead of staying there."""
+    with _client(model) as client:
+        batcher = client.app.state.batcher
+        assert client.post("/v1/score", files=_files(job), data={"particle_diameter": "100"}).status_code == 200
+        deadline = time.monotonic() + 5.0
+        while batcher.trims == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert batcher.trims == 1 and batcher.batches == 1
+        time.sleep(1.5)
+        assert batcher.trims == 1  # nothing new to release: no further calls while idle
+
+
 def _mrc_bytes(data: np.ndarray, volume: bool = False) -> bytes:
     """An MRC file's bytes: a stack (square or not) or a volume."""
     import tempfile
