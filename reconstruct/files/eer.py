@@ -21,7 +21,7 @@ from .errors import InputError
 
 EER_SUFFIX = ".eer"
 EER_CODES = (65000, 65001, 65002)  # TIFF compression codes of EER frames
-DEFAULT_GROUPING = 32  # relion_run_motioncorr's --eer_grouping default
+DEFAULT_GROUPING = 32  # the EER fractionation RELION proposes by default
 
 
 def _open(path: Path) -> Any:
