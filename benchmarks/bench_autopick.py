@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _timing import children_cpu
+from _timing import children_cpu, first_row_star
 
 from autoproc.demo import demo_model_path
 from reconstruct.files import read_map, read_star, write_map, write_star
@@ -115,18 +115,11 @@ def agreement(ours: list[pd.DataFrame], theirs: list[pd.DataFrame], tol: float) 
     return same / max(total, 1), dfom
 
 
-def first_only(root: Path) -> str:
-    """micrographs_first.star: the first micrograph alone (for the cost of each further one)."""
-    b = read_star(root / "micrographs.star")
-    write_star(root / "micrographs_first.star", {"optics": b["optics"], "micrographs": b["micrographs"].iloc[:1]})
-    return "micrographs_first.star"
-
-
 def timed_jobs(root: Path, args: argparse.Namespace, adj: float) -> dict:
     """Median wall/CPU of both programs as fresh processes, on all micrographs and on the first alone,
     ``args.repeats`` times alternately; the all-micrograph outputs are left in job005 (ours), job006."""
     common = dict(dmin=args.dmin, dmax=args.dmax, adj=adj, maxres=args.maxres)
-    first = first_only(root)
+    first = first_row_star(root, "micrographs.star", "micrographs")
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("ours", "ours1", "relion", "relion1")}
     for _ in range(args.repeats):
         for star, suffix in ((first, "1"), ("micrographs.star", "")):

@@ -30,6 +30,8 @@ import starfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import first_row_star
+
 from reconstruct.files.movies import read_movie
 from reconstruct.motion import poly_terms
 from reconstruct.simulate import MovieSimulation, atomic_model_map, simulate_movies
@@ -128,14 +130,6 @@ def run_relion(root: Path, job: str, patches: int, star: str = "movies.star") ->
     return time.perf_counter() - t
 
 
-def first_movie_star(root: Path) -> str:
-    """A movies.star holding only the first movie (for the per-extra-movie cost)."""
-    b = starfile.read(root / "movies.star", always_dict=True)
-    starfile.write({"optics": b["optics"], "movies": b["movies"].iloc[:1]}, root / "movies_first.star",
-                   overwrite=True)
-    return "movies_first.star"
-
-
 def run_tmc(root: Path, stem: str, local: bool) -> tuple[np.ndarray, float]:
     """torch-motion-correction: global XC (and local optimiser) estimate -> correction (n, k, 2) at particles."""
     import torch
@@ -231,7 +225,7 @@ def main() -> None:
         clean = OUT / (name[0] + "_clean")
         simulate(clean, replace(cfg, snr=1e6))
         stems = [f"movie_{i + 1:04d}" for i in range(cfg.n_movies)]
-        first = first_movie_star(root)
+        first = first_row_star(root, "movies.star", "movies")
         for prog, patches in (("ours", 1), ("ours", 5), ("relion", 1), ("relion", 5)):
             job = f"MotionCorr/{prog}{patches}"
             runner = run_ours if prog == "ours" else run_relion

@@ -384,18 +384,19 @@ class DoseWeights:
         self.doses = np.asarray(doses, dtype=float)
         self.pixel_size = pixel_size
         self.xp = xp
-        self._grids: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._shape: tuple[int, int] | None = None  # the grid of the cached (ne, 1 / norm); one at a time
+        self._cached: tuple[Any, Any] = (None, None)
 
     def _grid(self, ny: int, nx: int) -> tuple[Any, Any]:
-        if (ny, nx) not in self._grids:
+        if self._shape != (ny, nx):
             xp = self.xp
             ne = _critical_exposure(ny, nx, self.pixel_size, xp)
             norm2 = xp.zeros_like(ne)
             for s in range(0, len(self.doses), 8):  # chunks of frames bound the memory
                 d = xp.asarray(self.doses[s:s + 8], dtype=xp.float32)[:, None, None]
                 norm2 += xp.exp(-2.0 * d / ne).sum(axis=0)
-            self._grids = {(ny, nx): (ne, 1.0 / xp.sqrt(norm2))}  # one grid at a time: the last asked
-        return self._grids[(ny, nx)]
+            self._shape, self._cached = (ny, nx), (ne, 1.0 / xp.sqrt(norm2))
+        return self._cached
 
     def __call__(self, frames: slice, ny: int, nx: int) -> Any:
         xp = self.xp

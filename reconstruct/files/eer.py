@@ -24,6 +24,11 @@ EER_CODES = (65000, 65001, 65002)  # TIFF compression codes of EER frames
 DEFAULT_GROUPING = 32  # the EER fractionation RELION proposes by default
 
 
+def _damaged(path: Path, err: Exception) -> InputError:
+    return InputError(path, f"not a readable EER file ({type(err).__name__}: {err})",
+                      "the file is damaged or incomplete: re-copy it")
+
+
 def _open(path: Path) -> Any:
     """The file as a ``tifffile.TiffFile``; a damaged file is an InputError."""
     import tifffile
@@ -31,20 +36,24 @@ def _open(path: Path) -> Any:
     try:
         return tifffile.TiffFile(path)
     except Exception as err:  # tifffile raises many types for damaged files
-        raise InputError(path, f"not a readable EER file ({type(err).__name__}: {err})",
-                         "the file is damaged or incomplete: re-copy it") from None
+        raise _damaged(path, err) from None
 
 
-def _frame_pages(path: Path, tif: Any) -> list[int]:
-    """Indices of the EER-coded pages (some files start with an uncompressed integrated image)."""
+def _layout(path: Path, tif: Any, grouping: int) -> tuple[list[int], int, int, int]:
+    """The EER-coded pages (some files start with an uncompressed integrated image), the number of
+    whole fractions of ``grouping`` of them, and the frame size."""
     try:
         pages = [i for i, p in enumerate(tif.pages) if p.compression in EER_CODES]
     except Exception as err:  # the page directories are read lazily: a cut file fails here
-        raise InputError(path, f"not a readable EER file ({type(err).__name__}: {err})",
-                         "the file is damaged or incomplete: re-copy it") from None
+        raise _damaged(path, err) from None
     if not pages:
         raise InputError(path, "has no EER-compressed frames", "is this really an EER movie?")
-    return pages
+    n = len(pages) // grouping
+    if n < 1:
+        raise InputError(path, f"has {len(pages)} internal frames, fewer than one fraction of {grouping}",
+                         "lower --eer_grouping")
+    ny, nx = tif.pages[pages[0]].shape[:2]
+    return pages, n, int(ny), int(nx)
 
 
 def check_grouping(grouping: int, upsampling: int = 1) -> None:
@@ -61,13 +70,7 @@ def eer_shape(path: str | Path, grouping: int = DEFAULT_GROUPING) -> tuple[int, 
     path = Path(path)
     check_grouping(grouping)
     with _open(path) as tif:
-        pages = _frame_pages(path, tif)
-        ny, nx = tif.pages[pages[0]].shape[:2]
-    n = len(pages) // grouping
-    if n < 1:
-        raise InputError(path, f"has {len(pages)} internal frames, fewer than one fraction of {grouping}",
-                         "lower --eer_grouping")
-    return n, int(ny), int(nx)
+        return _layout(path, tif, grouping)[1:]
 
 
 def read_eer(path: str | Path, fractions: Sequence[int] | None = None, grouping: int = DEFAULT_GROUPING
@@ -75,23 +78,21 @@ def read_eer(path: str | Path, fractions: Sequence[int] | None = None, grouping:
     """Fractions (0-based indices, default all) of an EER movie as float32 (n, ny, nx) electron counts:
     each the sum of ``grouping`` consecutive internal frames, decoded one page at a time."""
     path = Path(path)
-    n_all, ny, nx = eer_shape(path, grouping)
-    want = list(range(n_all)) if fractions is None else [int(f) for f in fractions]
-    bad = [f + 1 for f in want if not 0 <= f < n_all]
-    if bad:
-        raise InputError(path, f"has {n_all} fractions of {grouping} internal frames; fraction(s) {bad} requested",
-                         "the movie is truncated, or --last_frame_sum / --eer_grouping is too large")
-    out = np.zeros((len(want), ny, nx), dtype=np.float32)
+    check_grouping(grouping)
     with _open(path) as tif:
-        pages = _frame_pages(path, tif)
+        pages, n_all, ny, nx = _layout(path, tif, grouping)
+        want = list(range(n_all)) if fractions is None else [int(f) for f in fractions]
+        bad = [f + 1 for f in want if not 0 <= f < n_all]
+        if bad:
+            raise InputError(path, f"has {n_all} fractions of {grouping} internal frames; fraction(s) {bad} "
+                             "requested", "the movie is truncated, or --last_frame_sum / --eer_grouping is too large")
+        out = np.zeros((len(want), ny, nx), dtype=np.float32)
         try:
             for i, f in enumerate(want):  # internal frames one by one: a fraction of 4K pages is 0.5 GB at once
                 acc = np.zeros((ny, nx), dtype=np.uint16)
                 for k in pages[f * grouping:(f + 1) * grouping]:
                     acc += tif.pages[k].asarray()
                 out[i] = acc
-        except InputError:
-            raise
         except Exception as err:  # imagecodecs/tifffile errors on a damaged code stream
             raise InputError(path, f"cannot decode the EER frames ({type(err).__name__}: {err})",
                              "the file is damaged or incomplete, or the imagecodecs package is missing "
