@@ -193,9 +193,12 @@ def _add_ssri_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--ssri_lr", type=float, default=d.lr,
                    help="step size, in units of 1/(Lipschitz constant of the data, proximal and TV terms)")
     g.add_argument("--ssri_holdout", type=float, default=d.holdout,
-                   help="fraction of each half's Fourier voxels held out to choose alpha and beta")
+                   help="fraction of each half's particles back-projected a second time, on their own, to "
+                        "choose alpha and beta by cross-validation within the half and to keep the Wiener map's "
+                        "shells where it predicts those particles better")
     g.add_argument("--ssri_no_search", action="store_true",
-                   help="use --ssri_alpha/--ssri_beta as given instead of choosing among x4, x2, x1, x1/2 of them")
+                   help="use --ssri_alpha/--ssri_beta as given instead of choosing among x4, x2, x1, x1/2 of them "
+                        "(and no Wiener guard)")
     g.add_argument("--ssri_no_fsc_weight", action="store_true",
                    help="align against the SSRI half maps as they are (the reference implementation) instead of "
                         "weighting them by the plain half maps' FSC, which keeps anything beyond the "

@@ -212,7 +212,8 @@ class _Refiner:
         self.table = read_particles(opt.star)
         self.src = ImageSource(self.table, opt.project_dir)
         self.box, self.px = self.src.box, self.src.pixel_size
-        check_fits(2 * backprojector_bytes(self.box, opt.pad), self.xp,
+        n_bps = 4 if opt.ssri is not None and opt.ssri.search and opt.ssri.holdout > 0 else 2
+        check_fits(n_bps * backprojector_bytes(self.box, opt.pad), self.xp,
                    f"refinement at box {self.box}", "downsample the particles or use --pad 1")
         self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
         self.n = len(self.table)
@@ -227,6 +228,12 @@ class _Refiner:
         self.nsig = np.zeros(self.n, dtype=int)
         self.loglik = np.zeros(self.n)
         self.ssri_halves: list[np.ndarray] = []
+        # SSRI cross-validates its parameters on a fixed subset of each half's particles, back-projected
+        # a second time into their own accumulators (no effect on the maps themselves).
+        s = opt.ssri
+        self.held_out = (np.random.default_rng(opt.seed + 1).random(self.n) < s.holdout
+                         if s is not None and s.search and s.holdout > 0 else None)
+        self.held_out_bps: list[BackProjector] = []
 
     # -- set-up --------------------------------------------------------------------------------
     def initial_state(self) -> tuple[_State, list[Any]]:
@@ -286,6 +293,7 @@ class _Refiner:
             deltas = local_rotations(fine_step, angular_step(opt.healpix_order)) if refine else None
             rel_shifts = translations(opt.offset_step, fine_shift_step) if refine else None
         backprojectors = []
+        self.held_out_bps = []
         n_shells = self.box // 2 + 1
         resid = xp.zeros(n_shells)
         resid_count = xp.zeros(n_shells)
@@ -297,6 +305,8 @@ class _Refiner:
             vol = refs[h - 1] * self.mask3d
             proj = Projector(vol, padding=opt.pad)
             bp = BackProjector(self.box, padding=opt.pad, xp=xp, symmetry=opt.sym)
+            hold_bp = BackProjector(self.box, padding=opt.pad, xp=xp, symmetry=opt.sym) \
+                if self.held_out is not None else None
             coarse = None if local else proj.project(xp.asarray(coarse_mats), size=size)
             rows_h = np.nonzero(self.half == h)[0]
             batches = self.src.batches(opt.batch, rows_h)
@@ -355,6 +365,12 @@ class _Refiner:
                     ii = img_i[sl]
                     xs = phase_shift_2d(x_use[ii], xp.asarray(shifts_used[sh_i[sl]] * (size / self.box)), size)
                     bp.insert(xs, xp.asarray(cand[ii, ori_i[sl]]), ctf=c[ii], weights=w[sl], freq_weight=inv_s2)
+                    if hold_bp is not None:
+                        held = np.nonzero(self.held_out[rows[ii]])[0]
+                        if held.size:
+                            hi = ii[held]
+                            hold_bp.insert(xs[held], xp.asarray(cand[hi, ori_i[sl][held]]), ctf=c[hi],
+                                           weights=w[sl][held], freq_weight=inv_s2)
                 # noise: residual of the best pose
                 best_proj = proj.project(xp.asarray(new_r), size=size)
                 xb = phase_shift_2d(x_use, xp.asarray(shifts_used[bt] * (size / self.box)), size)
@@ -362,6 +378,8 @@ class _Refiner:
                 resid += _shell_sums(r2, size, n_shells, xp)
                 resid_count += counts_full * b
             backprojectors.append(bp)
+            if hold_bp is not None:
+                self.held_out_bps.append(hold_bp)
         sigma2 = st.sigma2.copy()
         inner = (to_numpy(resid_count) > 0) & (np.arange(n_shells) <= size / 2 - 1)  # shells inside the mask
         sigma2[inner] = to_numpy(resid)[inner] / to_numpy(resid_count)[inner]
@@ -382,7 +400,9 @@ class _Refiner:
         curve = fsc(plain[0], plain[1])
         if self.opt.ssri is not None:
             t = time.perf_counter()
-            refs = [self._ssri(bp, p, curve, f"half {h}") for h, (bp, p) in enumerate(zip(bps, prev), 1)]
+            held = self.held_out_bps or [None, None]
+            refs = [self._ssri(bp, p, curve, f"half {h}", hb)
+                    for h, (bp, p, hb) in enumerate(zip(bps, prev, held), 1)]
             seconds = time.perf_counter() - t
             self.ssri_halves = [to_numpy(r) for r in refs]
             log.info("  SSRI half maps: FSC 0.143 at %.2f Å (plain half maps %.2f Å), %.1f s",
@@ -403,11 +423,15 @@ class _Refiner:
         refs = self._join_low_resolution(refs)
         return refs, curve, seconds
 
-    def _ssri(self, bp: BackProjector, prev: Any, curve: np.ndarray, what: str) -> Any:
-        """SSRI's map from one back-projector, starting from (and kept close to) ``prev``."""
+    def _ssri(self, bp: BackProjector, prev: Any, curve: np.ndarray, what: str,
+              held_out: BackProjector | None, joined: bool = False) -> Any:
+        """SSRI's map from one back-projector, starting from (and kept close to) ``prev``; its
+        parameters cross-validated on the ``held_out`` particles' accumulators when given."""
         res = resolution_at(curve, self.box, self.px, 0.143).angstrom
         radius = min(self.box / 2 - 1, self.box * self.px / max(res, 2 * self.px))
-        out = ssri_reconstruct(bp, prev * self.mask3d, radius, self.opt.ssri, self.rng)
+        c = np.clip(2 * curve / (1 + curve), 1e-6, 0.999) if joined else np.clip(curve, 1e-6, 0.999)
+        tau2 = self.opt.tau2_fudge * (c / (1 - c)) / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
+        out = ssri_reconstruct(bp, prev * self.mask3d, radius, self.opt.ssri, held_out, tau2)
         log.info("  SSRI %s: %s", what, describe(out))
         return out.volume
 
@@ -577,7 +601,11 @@ def _finish(r: _Refiner, st: _State, bps: list[BackProjector], refs: list[Any], 
         joined.add(bps[0])
         joined.add(bps[1])
         if r.opt.ssri is not None:
-            final = r._ssri(joined, (refs[0] + refs[1]) / 2, curve, "both halves joined")
+            held = None
+            if r.held_out_bps:
+                held = r.held_out_bps[0]
+                held.add(r.held_out_bps[1])
+            final = r._ssri(joined, (refs[0] + refs[1]) / 2, curve, "both halves joined", held, joined=True)
             for h, vol in enumerate(r.ssri_halves, 1):
                 write_map(out / f"run_half{h}_class001_ssri.mrc", vol, r.px)
         else:

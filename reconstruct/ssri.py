@@ -14,9 +14,15 @@ gradient steps: a gradient step on the smooth terms, then a soft threshold alpha
 Here the problem lives on the map's own N^3 grid: the padded accumulators are sampled at the
 N-grid's frequencies (each padded-grid point is the kernel-regression estimate there), so every
 inner iteration is one N^3 FFT pair; the trilinear kernel's apodisation is undone at the end, as in
-RELION.  Parameters are relative, so they carry over between data sets (see :class:`SsriOptions`);
-(alpha, beta) are chosen among a few candidates by the prediction error on Fourier voxels held out
-from the same half's data, so the two halves stay independent.
+RELION.  Parameters are relative, so they carry over between data sets (see :class:`SsriOptions`).
+
+(alpha, beta) are chosen among a few multiples of their automatic values by cross-validation on
+particles held out from the same half set, so the two halves stay independent: each candidate is
+solved on the other particles of the half, and scored by its correlation, shell by shell, with the
+held-out particles' back-projected data (the data are the truth plus independent noise, so this
+correlation follows the candidate's FSC against the truth).  The same scores guard each shell: where
+the plain Wiener-filtered map of the remaining particles agrees better with the held-out particles
+than the chosen SSRI map does, the final map keeps the Wiener map's shell.
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, fft_module
+from .backend import array_module, fft_module, to_numpy
 from .fourier import freq_grid
 from .projector import BackProjector, gridding_kernel
 
 log = logging.getLogger("reconstruct")
+
+# Multiples of the automatic (alpha, beta) tried on held-out particles, strong to weak.
+SEARCH_FACTORS = (4.0, 2.0, 1.0, 0.5)
 
 
 @dataclass
@@ -47,8 +56,8 @@ class SsriOptions:
     mu: float = 0.0  # --ssri_mu: Nesterov smoothing of |grad x|, x the density level; 0 = the map's noise level
     iters: int = 100  # --ssri_iters: inner iterations per solve
     lr: float = 1.0  # --ssri_lr: step, x 1/(Lipschitz constant of the smooth terms)
-    holdout: float = 0.1  # --ssri_holdout: fraction of Fourier voxels held out to choose (alpha, beta)
-    search: bool = True  # try (alpha, beta) x {4, 2, 1, 1/2} and keep the best on held-out data
+    holdout: float = 0.1  # --ssri_holdout: fraction of each half's particles held out to choose (alpha, beta)
+    search: bool = True  # try (alpha, beta) x SEARCH_FACTORS, keep the best on held-out particles
     fsc_weight: bool = True  # weight each half's SSRI map by the plain halves' FSC before it is a reference
 
 
@@ -64,7 +73,8 @@ class SsriResult:
     epsp: float
     mu: float
     step: float
-    holdout_error: float
+    holdout_score: float  # mean held-out shell correlation of the chosen candidate (nan without a search)
+    wiener_shells: int = 0  # shells where the plain Wiener map agreed better with the held-out particles
 
 
 def n_grid_accumulators(data: Any, weight: Any, box: int, padded: int, centre: int) -> tuple[Any, Any]:
@@ -171,22 +181,46 @@ def density_level(volume: Any) -> float:
     return 0.5 * float(xp.partition(v, v.size - k)[v.size - k:].mean())
 
 
-def _holdout_mask(shape: tuple[int, ...], radius: float, fraction: float, rng: np.random.Generator, xp: Any) -> Any:
-    """Random ``fraction`` of the half-transform voxels within ``radius`` (Fourier pixels)."""
-    kz, ky, kx = freq_grid(shape, xp)
-    inside = (kz * kz + ky * ky + kx * kx) <= radius * radius
-    pick = xp.asarray(rng.random(inside.shape) < fraction)
-    return inside & pick
+def heldout_shell_scores(pred: Any, d_test: Any, w_test: Any, shells: Any, n_shells: int) -> np.ndarray:
+    """Per-shell correlation of a candidate with held-out particles' back-projected data.
+
+    ``pred`` is the candidate's half transform (on the apodised N-grid), ``d_test``/``w_test`` the
+    held-out accumulators there.  Per shell, Re<pred, D> / sqrt(<W |pred|^2> <|D|^2 / W>): as D = W x
+    truth + noise of variance W, its expectation is the W-weighted correlation of the candidate with
+    the truth times a factor that depends on the held-out data only, so candidates rank as their FSC
+    against the truth would.  Shells without held-out weight score 0.
+    """
+    xp = array_module(pred)
+    seen = w_test > 0
+    idx = xp.where(seen, shells, n_shells).ravel()
+    num = xp.bincount(idx, weights=xp.real(xp.conj(pred) * d_test).ravel(), minlength=n_shells + 1)
+    p2 = xp.bincount(idx, weights=(w_test * xp.abs(pred) ** 2).ravel(), minlength=n_shells + 1)
+    d2 = xp.bincount(idx, weights=(xp.abs(d_test) ** 2 / xp.where(seen, w_test, 1.0)).ravel(),
+                     minlength=n_shells + 1)
+    num, den = (np.asarray(to_numpy(a[:n_shells]), dtype=np.float64) for a in (num, xp.sqrt(p2 * d2)))
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
+
+
+def _wiener(d: Any, w: Any, tau2: Any, shells: Any) -> Any:
+    """The Wiener-filtered apodised map D / (W + 1/tau2) on the N-grid (half transform)."""
+    xp = array_module(d)
+    t = xp.asarray(np.maximum(tau2, 1e-30), dtype=xp.float32)[xp.minimum(shells, len(tau2) - 1)]
+    return xp.where(w > 0, d / (w + 1.0 / t), 0).astype(xp.complex64)
 
 
 def ssri_reconstruct(bp: BackProjector, prev: Any, radius: float, opt: SsriOptions,
-                     rng: np.random.Generator) -> SsriResult:
+                     held_out: BackProjector | None = None, tau2: np.ndarray | None = None) -> SsriResult:
     """One SSRI M-step for one half set (or, in the last iteration, both joined).
 
-    ``bp`` holds the half's back-projected data, ``prev`` its previous (solvent-flattened) reference,
-    ``radius`` the current resolution in Fourier pixels (the held-out error is measured within it).
+    ``bp`` holds all the half's back-projected data, ``prev`` its previous (solvent-flattened)
+    reference, ``radius`` the current resolution in Fourier pixels (candidates are scored within
+    it).  ``held_out`` holds a subset of the same particles back-projected again: with it (and
+    ``opt.search``) (alpha, beta) are cross-validated on those particles, and with ``tau2`` (per
+    shell, RELION's Wiener prior) each shell of the result falls back to the Wiener map where that
+    agrees better with them.  Without it the automatic (alpha, beta) are used as they are.
     """
     xp = bp.xp
+    fft = fft_module(xp)
     box = bp.box
     d, w = n_grid_accumulators(*bp.grids(), box, bp.padded, bp.centre)
     shape = (box,) * 3
@@ -198,8 +232,7 @@ def ssri_reconstruct(bp: BackProjector, prev: Any, radius: float, opt: SsriOptio
     w_mean = float(w[in_radius].mean()) if bool(in_radius.any()) else 1.0
     level = density_level(prev_k)
     if level <= 0:
-        level = float(xp.abs(fft_module(xp).irfftn(xp.where(in_radius, d / xp.where(in_radius, w, 1), 0),
-                                                    s=shape)).max()) or 1.0
+        level = float(xp.abs(fft.irfftn(xp.where(in_radius, d / xp.where(in_radius, w, 1), 0), s=shape)).max()) or 1.0
     eps, epsp = opt.eps * level, opt.epsp * level
     # Default smoothing: the noise level of one voxel of the unregularised map (its Fourier
     # coefficients have variance ~1/W), so that gradients within the noise are treated quadratically.
@@ -213,30 +246,40 @@ def ssri_reconstruct(bp: BackProjector, prev: Any, radius: float, opt: SsriOptio
     # 1 / Lipschitz constant of the smooth terms: the largest Fourier weight plus the TV term's
     # curvature bound (12 = largest eigenvalue of the 3D difference Laplacian, weights <= 1/(mu eps')).
     step = opt.lr / (float(w.max()) + alpha0 + gamma + 12 * beta0 / (mu * epsp))
-    best = (alpha0, beta0, float("nan"))
-    if opt.search and opt.holdout > 0:
-        test = _holdout_mask(shape, radius, opt.holdout, rng, xp) & (w > 0)
-        train = SsriProblem(xp.where(test, 0, d), xp.where(test, 0, w), prev_k, gamma, mu)
+    factor, score, keep_wiener = 1.0, float("nan"), None
+    if held_out is not None and opt.search:
+        d_test, w_test = n_grid_accumulators(*held_out.grids(), box, held_out.padded, held_out.centre)
+        d_train, w_train = d - d_test, xp.maximum(w - w_test, 0)
+        shells = xp.round(xp.sqrt(sum(g * g for g in freq_grid(shape, xp)))).astype(xp.int64)
+        n_shells = box // 2 + 1
+        band = slice(1, max(2, min(int(radius), n_shells - 1) + 1))
+        train = SsriProblem(d_train, w_train, prev_k, gamma, mu)
         x = prev_k
-        errors = []
-        for f in (4.0, 2.0, 1.0, 0.5):  # a path from strong to weak regularisation, warm-started
+        scored = []
+        for f in SEARCH_FACTORS:  # a path from strong to weak regularisation, warm-started
             x = train.solve(x, alpha0 * f, beta0 * f, eps, epsp, step, max(1, opt.iters // 2))
-            pred = fft_module(xp).rfftn(x)
-            err = float((xp.abs(w * pred - d) ** 2 / xp.maximum(w, 1e-30))[test].sum() / max(float(w[test].sum()),
-                                                                                              1e-30))
-            errors.append((err, f))
-        err, f = min(errors)
-        best = (alpha0 * f, beta0 * f, err)
-        log.debug("SSRI held-out errors by (alpha, beta) factor: %s", [(g, round(e, 6)) for e, g in errors])
-    alpha, beta = best[0], best[1]
+            curve = heldout_shell_scores(fft.rfftn(x), d_test, w_test, shells, n_shells)
+            scored.append((float(curve[band].mean()), f, curve))
+        score, factor, curve = max(scored, key=lambda t: t[0])
+        log.debug("SSRI held-out scores by (alpha, beta) factor: %s", [(f, round(c, 4)) for c, f, _ in scored])
+        if tau2 is not None:
+            plain = heldout_shell_scores(_wiener(d_train, w_train, tau2, shells), d_test, w_test, shells, n_shells)
+            keep_wiener = plain > curve
+            keep_wiener[0] = False
     full = SsriProblem(d, w, prev_k, gamma, mu)
-    x = full.solve(prev_k, alpha, beta, eps, epsp, step, opt.iters)
+    x = full.solve(prev_k, alpha0 * factor, beta0 * factor, eps, epsp, step, opt.iters)
+    n_wiener = 0
+    if keep_wiener is not None and keep_wiener.any():
+        n_wiener = int(keep_wiener.sum())
+        use = xp.asarray(keep_wiener)[xp.minimum(shells, n_shells - 1)]
+        x = fft.irfftn(xp.where(use, _wiener(d, w, tau2, shells), fft.rfftn(x)), s=shape).astype(xp.float32)
     vol = x / kernel
-    return SsriResult(vol, alpha, beta, gamma, eps, epsp, mu, step, best[2])
+    return SsriResult(vol, alpha0 * factor, beta0 * factor, gamma, eps, epsp, mu, step, score, n_wiener)
 
 
 def describe(res: SsriResult) -> str:
     """The chosen absolute parameters, one line for the log."""
     return (f"alpha {res.alpha:.3g}, beta {res.beta:.3g}, gamma {res.gamma:.3g}, eps {res.eps:.3g}, "
-            f"eps' {res.epsp:.3g}, mu {res.mu:.3g}, step {res.step:.3g}, held-out error {res.holdout_error:.4g}")
+            f"eps' {res.epsp:.3g}, mu {res.mu:.3g}, step {res.step:.3g}, held-out correlation "
+            f"{res.holdout_score:.4f}, Wiener kept in {res.wiener_shells} shells")
 

@@ -125,7 +125,7 @@ def ssri_tune(opt: SsriTuneOptions) -> SsriTuneResult:
         scored = []
         for v in values:
             trial = dataclasses.replace(best, **{name: v})
-            maps = [ssri_reconstruct(bp, prev, radius, trial, rng).volume for bp in bps]
+            maps = [ssri_reconstruct(bp, prev, radius, trial).volume for bp in bps]
             curve = fsc(maps[0], maps[1])
             res = resolution_at(curve, box, px, 0.143).angstrom
             band = float(np.mean(curve[1:int(radius) + 1]))

@@ -107,12 +107,14 @@ def test_accumulators_on_the_map_grid_reproduce_the_map():
     np.testing.assert_allclose((d1 / np.where(ok, w1, 1))[ok], centring[ok], atol=1e-3)
 
 
-def _half_backprojectors(truth: np.ndarray, n: int, snr: float, seed: int) -> list[BackProjector]:
-    """Noisy projections of ``truth`` at random poses, back-projected with their true poses per half."""
+def _half_backprojectors(truth: np.ndarray, n: int, snr: float,
+                         seed: int) -> tuple[list[BackProjector], list[BackProjector]]:
+    """Noisy projections of ``truth`` at random poses, back-projected with their true poses per half;
+    and every tenth of them back-projected again on its own (the held-out particles of refine3d)."""
     rng = np.random.default_rng(seed)
     box = truth.shape[0]
     proj = Projector(truth)
-    bps = []
+    bps, held = [], []
     for _ in range(2):
         mats = random_rotations(n, rng)
         clean = proj.project_images(mats)
@@ -121,9 +123,12 @@ def _half_backprojectors(truth: np.ndarray, n: int, snr: float, seed: int) -> li
         bp = BackProjector(box)
         # Weighted by 1/sigma2 of the noise's Fourier coefficients, as the refinement's M-step does.
         inv_sigma2 = np.full((box, box // 2 + 1), 1.0 / (box * box * sigma**2), np.float32)
-        bp.insert(np.fft.rfftn(np.fft.ifftshift(noisy, axes=(1, 2)), axes=(1, 2)), mats, freq_weight=inv_sigma2)
+        ft = np.fft.rfftn(np.fft.ifftshift(noisy, axes=(1, 2)), axes=(1, 2))
+        bp.insert(ft, mats, freq_weight=inv_sigma2)
         bps.append(bp)
-    return bps
+        held.append(BackProjector(box))
+        held[-1].insert(ft[::10], mats[::10], freq_weight=inv_sigma2)
+    return bps, held
 
 
 def test_ssri_maximisation_beats_the_wiener_filter_on_noisy_data():
@@ -134,14 +139,16 @@ def test_ssri_maximisation_beats_the_wiener_filter_on_noisy_data():
 
     box, px = 32, 2.5
     truth = model_map(ADK_CLOSED, box, px)
-    bps = _half_backprojectors(truth, 300, 0.05, seed=4)
+    bps, held = _half_backprojectors(truth, 300, 0.05, seed=4)
     plain = [bp.reconstruct() for bp in bps]
     curve = fsc(plain[0], plain[1])
     ssnr = np.clip(curve, 1e-6, 0.999) / (1 - np.clip(curve, 1e-6, 0.999))
     wiener = [bp.reconstruct(tau2=ssnr / np.maximum(bp.mean_weight_per_shell(), 1e-30)) for bp in bps]
     radius = box * px / resolution_at(curve, box, px, 0.143).angstrom
-    rng = np.random.default_rng(0)
-    ssri = [ssri_reconstruct(bp, w, radius, SsriOptions(), rng).volume for bp, w in zip(bps, wiener)]
+    runs = [ssri_reconstruct(bp, w, radius, SsriOptions(), hb, ssnr / np.maximum(bp.mean_weight_per_shell(), 1e-30))
+            for bp, w, hb in zip(bps, wiener, held)]
+    assert all(np.isfinite(r.holdout_score) for r in runs)  # parameters cross-validated on the held-out particles
+    ssri = [r.volume for r in runs]
     res_w = [resolution_at(fsc(m, truth), box, px, 0.5).angstrom for m in wiener]
     res_s = [resolution_at(fsc(m, truth), box, px, 0.5).angstrom for m in ssri]
     # Each half separately: the prior never makes a map worse, and helps on average.
@@ -187,3 +194,45 @@ def test_ssri_refinement_beats_plain_refinement_on_noisy_particles(tmp_path, mon
         assert (tmp_path / "ssri" / f"run_half{h}_class001_ssri.mrc").exists()
         assert (tmp_path / "ssri" / f"run_half{h}_class001_unfil.mrc").exists()
     assert "SSRI half 1: alpha" in caplog.text and "SSRI added" in caplog.text
+
+
+def test_heldout_shell_scores_rank_candidates_as_their_fsc_against_the_truth():
+    """Held-out data (W x truth + noise of variance W) score the truth above a noisy copy of it, shell by
+    shell, and a candidate's scale does not change its score."""
+    from reconstruct.fourier import freq_grid
+    from reconstruct.ssri import heldout_shell_scores
+
+    rng = np.random.default_rng(2)
+    box = 24
+    truth_map = rng.normal(size=(box,) * 3).astype(np.float32)
+    truth = np.fft.rfftn(truth_map)
+    w = np.full(truth.shape, 4.0, np.float32)
+    noise = (rng.normal(size=truth.shape) + 1j * rng.normal(size=truth.shape)) * np.sqrt(w / 2)
+    d = w * truth + noise
+    shells = np.round(np.sqrt(sum(g * g for g in freq_grid((box,) * 3, np)))).astype(np.int64)
+    n = box // 2 + 1
+    noisy = truth + (rng.normal(size=truth.shape) + 1j * rng.normal(size=truth.shape)) * np.abs(truth).mean()
+    good = heldout_shell_scores(truth, d, w, shells, n)
+    bad = heldout_shell_scores(noisy, d, w, shells, n)
+    assert (good[1:box // 2] > bad[1:box // 2]).all()
+    np.testing.assert_allclose(heldout_shell_scores(3 * truth, d, w, shells, n), good, rtol=1e-6)
+    assert heldout_shell_scores(truth, d, np.zeros_like(w), shells, n).max() == 0  # nothing held out: no score
+
+
+def test_wiener_guard_keeps_the_plain_map_where_ssri_predicts_the_held_out_particles_worse():
+    """A prior made far too strong flattens the map; the held-out particles then prefer the Wiener shells."""
+    from reconstruct.ssri import SsriOptions, ssri_reconstruct
+    from tests.helpers import ADK_CLOSED, model_map
+
+    box = 32
+    truth = model_map(ADK_CLOSED, box, 2.5)
+    bps, held = _half_backprojectors(truth, 300, 0.5, seed=7)
+    plain = bps[0].reconstruct()
+    tau2 = np.full(box // 2 + 1, 1e3) / np.maximum(bps[0].mean_weight_per_shell(), 1e-30)
+    crushing = SsriOptions(alpha=1e4, beta=1e4)
+    out = ssri_reconstruct(bps[0], plain, box / 3, crushing, held[0], tau2)
+    assert out.wiener_shells >= 5, out.wiener_shells
+    alone = ssri_reconstruct(bps[0], plain, box / 3, SsriOptions(alpha=1e4, beta=1e4, search=False))
+    from reconstruct.fsc import fsc
+    band = slice(2, box // 3)
+    assert fsc(out.volume, truth)[band].mean() > fsc(alone.volume, truth)[band].mean() + 0.1
