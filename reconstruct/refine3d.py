@@ -414,14 +414,15 @@ class _Refiner:
                 refs = [fsc_weighted(r, curve) for r in refs]
         else:
             seconds = 0.0
-            ssnr = np.clip(curve, 1e-6, 0.999)
-            ssnr = ssnr / (1 - ssnr)
-            refs = []
-            for bp in bps:
-                tau2 = self.opt.tau2_fudge * ssnr / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
-                refs.append(bp.reconstruct(tau2=xp.asarray(tau2)))
+            refs = [bp.reconstruct(tau2=xp.asarray(self.wiener_tau2(curve, bp))) for bp in bps]
         refs = self._join_low_resolution(refs)
         return refs, curve, seconds
+
+    def wiener_tau2(self, curve: np.ndarray, bp: BackProjector, joined: bool = False) -> np.ndarray:
+        """RELION's tau2 per shell for ``bp``'s map: fudge x SSNR / mean weight, the SSNR from the half
+        maps' FSC (from the FSC of the whole, 2 FSC / (1 + FSC), when ``bp`` holds both halves)."""
+        c = np.clip(2 * curve / (1 + curve) if joined else curve, 1e-6, 0.999)
+        return self.opt.tau2_fudge * (c / (1 - c)) / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
 
     def _ssri(self, bp: BackProjector, prev: Any, curve: np.ndarray, what: str,
               held_out: BackProjector | None, joined: bool = False) -> Any:
@@ -429,9 +430,8 @@ class _Refiner:
         parameters cross-validated on the ``held_out`` particles' accumulators when given."""
         res = resolution_at(curve, self.box, self.px, 0.143).angstrom
         radius = min(self.box / 2 - 1, self.box * self.px / max(res, 2 * self.px))
-        c = np.clip(2 * curve / (1 + curve), 1e-6, 0.999) if joined else np.clip(curve, 1e-6, 0.999)
-        tau2 = self.opt.tau2_fudge * (c / (1 - c)) / np.maximum(to_numpy(bp.mean_weight_per_shell()), 1e-30)
-        out = ssri_reconstruct(bp, prev * self.mask3d, radius, self.opt.ssri, held_out, tau2)
+        out = ssri_reconstruct(bp, prev * self.mask3d, radius, self.opt.ssri, held_out,
+                               self.wiener_tau2(curve, bp, joined))
         log.info("  SSRI %s: %s", what, describe(out))
         return out.volume
 
@@ -609,10 +609,7 @@ def _finish(r: _Refiner, st: _State, bps: list[BackProjector], refs: list[Any], 
             for h, vol in enumerate(r.ssri_halves, 1):
                 write_map(out / f"run_half{h}_class001_ssri.mrc", vol, r.px)
         else:
-            full = np.clip(2 * curve / (1 + curve), 1e-6, 0.999)
-            tau2 = r.opt.tau2_fudge * (full / (1 - full)) / np.maximum(to_numpy(joined.mean_weight_per_shell()),
-                                                                       1e-30)
-            final = joined.reconstruct(tau2=xp.asarray(tau2))
+            final = joined.reconstruct(tau2=xp.asarray(r.wiener_tau2(curve, joined, joined=True)))
     h1, h2 = out / "run_half1_class001_unfil.mrc", out / "run_half2_class001_unfil.mrc"
     write_map(h1, halves[0], r.px)
     write_map(h2, halves[1], r.px)

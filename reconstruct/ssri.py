@@ -36,6 +36,7 @@ import numpy as np
 
 from .backend import array_module, fft_module, to_numpy
 from .fourier import freq_grid
+from .fsc import shell_index
 from .projector import BackProjector, gridding_kernel
 
 log = logging.getLogger("reconstruct")
@@ -250,7 +251,7 @@ def ssri_reconstruct(bp: BackProjector, prev: Any, radius: float, opt: SsriOptio
     if held_out is not None and opt.search:
         d_test, w_test = n_grid_accumulators(*held_out.grids(), box, held_out.padded, held_out.centre)
         d_train, w_train = d - d_test, xp.maximum(w - w_test, 0)
-        shells = xp.round(xp.sqrt(sum(g * g for g in freq_grid(shape, xp)))).astype(xp.int64)
+        shells = shell_index(shape, xp)
         n_shells = box // 2 + 1
         band = slice(1, max(2, min(int(radius), n_shells - 1) + 1))
         train = SsriProblem(d_train, w_train, prev_k, gamma, mu)
