@@ -84,7 +84,7 @@ class Class2DOptions:
     stepsize: float = 0.3  # --grad_stepsize (final)
     write_every: int = 10  # --grad_write_iter
     adaptive_fraction: float = 0.999  # --adaptive_fraction
-    max_significant: int = -1  # --maxsig (-1: 5 K for vdam, none for em)
+    max_significant: int = -1  # --maxsig (-1: 5 K for vdam and em; 0: none, RELION's EM default)
     batch: int = 256  # --batch: particles per E-step chunk
     seed: int = 0  # --random_seed
     gpu: bool = False  # --gpu
@@ -159,6 +159,8 @@ class _Classifier:
         self.schedule = VdamSchedule(n_iter=self.n_iter, n_particles=self.n, ini_subset=opt.ini_subset,
                                      fin_subset=opt.fin_subset, stepsize=opt.stepsize,
                                      tau2_fudge=opt.tau2_fudge, kind="2d")
+        # RELION caps VDAM at 5 K and leaves EM uncapped; uncapped, our first EM pass over 10,000 particles
+        # took over 900 s instead of 74 s (every particle kept >= 250 poses), so both are capped by default.
         self.maxsig = opt.max_significant if opt.max_significant >= 0 else 5 * self.k
         self.psi_coarse = np.arange(0.0, 360.0, 2 * opt.psi_step)
         self.psi_fine = (self.psi_coarse[:, None] + np.array([-0.5, 0.5]) * opt.psi_step).ravel() % 360

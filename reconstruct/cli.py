@@ -482,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vdam: write the outputs every this many mini-batches")
     s.add_argument("--adaptive_fraction", type=float, default=0.999,
                    help="posterior mass of the coarse poses oversampled per particle")
-    s.add_argument("--maxsig", type=int, default=-1, help="most coarse poses oversampled per particle (-1: 5 K)")
+    s.add_argument("--maxsig", type=int, default=-1,
+                   help="most coarse poses oversampled per particle (-1: 5 K for vdam and em; 0: no cap, as "
+                        "RELION's EM, many times slower while the classes are blurred)")
     s.add_argument("--batch", type=int, default=256, help="particles per E-step batch (lower it if memory is short)")
     s.add_argument("--random_seed", type=int, default=0, help="seed of the initial references and mini-batches")
     s.add_argument("--continue", dest="continue_run", action="store_true",
