@@ -1,12 +1,15 @@
-"""3D classification of adenylate kinase open (4AKE) vs closed (1AKE), 50/50: particles assigned right.
+"""3D classification of adenylate kinase open (4AKE) vs closed (1AKE), 50/50: ours against RELION 3.1.
 
 The reference is what a user would have: a consensus map of all particles, here the average of the two
 states low-passed to --ini_high.  ``reconstruct class3d`` (EM, K 2, RELION's Class3D defaults otherwise)
-classifies; the score is the fraction of particles whose class holds a majority of their own state
-(class purity against the simulator's labels), with the wall time.
+and RELION 3.1's ``relion_refine`` (Class3D: EM, K 2, T 4, the same sampling, mask, low-pass and number of
+iterations) classify the same particles on the same cores, one after the other.  The score is the
+fraction of particles whose class holds a majority of their own state (class purity against the
+simulator's labels), with the median angular error of the particles' orientations and the wall time.
 
-    python benchmarks/bench_class3d.py                    # 4,000 particles, SNR 0.05
+    python benchmarks/bench_class3d.py                    # 4,000 particles, SNR 0.05, both programs
     python benchmarks/bench_class3d.py --n 1000 --iter 10 # a quicker check
+    python benchmarks/bench_class3d.py --only relion      # re-run one program on the same particles
 
 Outputs go to benchmarks/out/class3d/ (ignored by git); the table to benchmarks/results/class3d.md.
 """
@@ -16,66 +19,124 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from _timing import children_cpu
 
 from reconstruct.backend import gpu_available
 from reconstruct.class3d import Class3DOptions, class3d
 from reconstruct.files import read_particles
 from reconstruct.files.mrc import write_map
+from reconstruct.geometry import angle_between, euler_to_matrix
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 from reconstruct.simulate.scoring import classification_quality, truth_labels
 
 HERE = Path(__file__).resolve().parent
 MODELS = (HERE.parent / "tests/data/4ake_adk_open.pdb.gz", HERE.parent / "tests/data/1ake_adk_closed.pdb.gz")
+PROGRAMS = {"ours": "ours (reconstruct class3d, EM)", "relion": "RELION 3.1 (relion_refine, Class3D EM)"}
+
+
+def _simulate(out: Path, args: argparse.Namespace) -> None:
+    params = {k: getattr(args, k) for k in ("n", "box", "angpix", "snr")}
+    stamp = out / "simulation.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    maps = [atomic_model_map(m, args.box, args.angpix) for m in MODELS]
+    simulate_particles(maps, ParticleSimulation(n_particles=args.n, box=args.box, pixel_size=args.angpix,
+                                                snr=args.snr, max_offset=2 * args.angpix, seed=11), out)
+    write_map(out / "consensus.mrc", (maps[0] + maps[1]) / 2, args.angpix)
+    stamp.write_text(json.dumps(params))
+
+
+def run_ours(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
+    t, c = time.perf_counter(), time.process_time()
+    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / "Ours",
+                                 particle_diameter=args.particle_diameter, ref=out / "consensus.mrc",
+                                 n_classes=2, algorithm="em", n_iter=args.iter, ini_high=args.ini_high,
+                                 healpix_order=args.healpix_order, max_healpix_order=args.healpix_order,
+                                 stepsize=1.0, inflate=1.0, gpu=args.gpu, project_dir=out))
+    return time.perf_counter() - t, time.process_time() - c, res.data_star
+
+
+def run_relion(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
+    shutil.rmtree(out / "Relion", ignore_errors=True)
+    (out / "Relion").mkdir()
+    cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--o", "Relion/run", "--ref", "consensus.mrc",
+           "--ini_high", str(args.ini_high), "--K", "2", "--iter", str(args.iter), "--tau2_fudge", "4",
+           "--particle_diameter", str(args.particle_diameter), "--ctf", "--zero_mask", "--flatten_solvent",
+           "--firstiter_cc", "--healpix_order", str(args.healpix_order), "--offset_range", "6", "--offset_step", "2",
+           "--oversampling", "1", "--sym", "C1", "--norm", "--scale", "--pad", "2", "--j", str(os.cpu_count() or 1),
+           "--pool", "30", "--dont_combine_weights_via_disc"]
+    logging.info("running %s", " ".join(cmd))
+    t, c = time.perf_counter(), children_cpu()
+    with open(out / "Relion/run.out", "w") as so, open(out / "Relion/run.err", "w") as se:
+        subprocess.run(cmd, stdout=so, stderr=se, check=True, cwd=out)
+    return time.perf_counter() - t, children_cpu() - c, out / f"Relion/run_it{args.iter:03d}_data.star"
+
+
+def score(out: Path, data_star: Path) -> dict:
+    """Purity against the states and the median angular error of the orientations (degrees)."""
+    data = read_particles(data_star).data
+    truth = pd.read_csv(out / "truth/particles_truth.csv")
+    q = classification_quality(data["rlnClassNumber"].to_numpy(), truth_labels(out))
+    err = angle_between(
+        euler_to_matrix(truth.rlnAngleRot.to_numpy(), truth.rlnAngleTilt.to_numpy(), truth.rlnAnglePsi.to_numpy()),
+        euler_to_matrix(data.rlnAngleRot.to_numpy(), data.rlnAngleTilt.to_numpy(), data.rlnAnglePsi.to_numpy()))
+    sizes = np.bincount(data["rlnClassNumber"].to_numpy(int), minlength=3)[1:] / len(data)
+    return {"purity": q["purity"], "sizes": sizes.tolist(), "angle_err": float(np.median(err))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=4000)
-    p.add_argument("--box", type=int, default=48)
+    p.add_argument("--n", type=int, default=4000, help="number of particles (default 4000)")
+    p.add_argument("--box", type=int, default=48, help="box size in pixels (default 48)")
     p.add_argument("--particle_diameter", type=float, default=84.0,
-                   help="mask diameter (Å): the open state's LID and NMP domains reach ~70 Å")
-    p.add_argument("--angpix", type=float, default=2.0)
-    p.add_argument("--snr", type=float, default=0.05)
-    p.add_argument("--iter", type=int, default=25, help="EM iterations")
-    p.add_argument("--ini_high", type=float, default=20.0)
-    p.add_argument("--gpu", action="store_true", default=gpu_available())
+                   help="mask diameter (Å): the open state's LID and NMP domains reach ~70 Å (default 84)")
+    p.add_argument("--angpix", type=float, default=2.0, help="pixel size in Å (default 2.0)")
+    p.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio of the particles (default 0.05)")
+    p.add_argument("--iter", type=int, default=25, help="EM iterations (default 25)")
+    p.add_argument("--ini_high", type=float, default=20.0, help="low-pass of the consensus reference (Å; default 20)")
+    p.add_argument("--healpix_order", type=int, default=2, help="angular sampling of both programs (default 2 = 15°)")
+    p.add_argument("--only", choices=("all", *PROGRAMS), default="all",
+                   help="run one program; the other's last numbers on the same particles are reused (default all)")
+    p.add_argument("--gpu", action="store_true", default=gpu_available(), help="run ours on the GPU")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = HERE / "out/class3d"
-    params = {k: getattr(args, k) for k in ("n", "box", "angpix", "snr")}
     if args.particle_diameter > args.box * args.angpix:
         p.error("--particle_diameter is larger than the box")
-    stamp = out / "simulation.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()) == params):
-        out.mkdir(parents=True, exist_ok=True)
-        maps = [atomic_model_map(m, args.box, args.angpix) for m in MODELS]
-        simulate_particles(maps, ParticleSimulation(n_particles=args.n, box=args.box, pixel_size=args.angpix,
-                                                    snr=args.snr, max_offset=2 * args.angpix, seed=11), out)
-        write_map(out / "consensus.mrc", (maps[0] + maps[1]) / 2, args.angpix)
-        stamp.write_text(json.dumps(params))
-    t = time.perf_counter()
-    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / "Class3D/job001",
-                                 particle_diameter=args.particle_diameter, ref=out / "consensus.mrc",
-                                 n_classes=2, algorithm="em", n_iter=args.iter, ini_high=args.ini_high,
-                                 stepsize=1.0, inflate=1.0, gpu=args.gpu, project_dir=out))
-    wall = time.perf_counter() - t
-    classes = read_particles(res.data_star).data.rlnClassNumber.to_numpy()
-    q = classification_quality(classes, truth_labels(out))
-    dev = "GPU" if args.gpu else "CPU (2 cores)"
-    table = "\n".join([
-        "# 3D classification: adenylate kinase open vs closed", "",
-        f"{args.n} particles (50% 4AKE open, 50% 1AKE closed), box {args.box}, {args.angpix} Å/px, SNR {args.snr}, "
-        f"mask {args.particle_diameter:g} Å; "
-        f"reference: the average of both states low-passed to {args.ini_high:g} Å; `reconstruct class3d` EM, K 2, "
-        f"{args.iter} iterations, on {dev}.", "",
-        f"    python benchmarks/bench_class3d.py --n {args.n} --snr {args.snr} --iter {args.iter}", "",
-        "| particles assigned to their state's class | class sizes | wall time |", "|---|---|---|",
-        f"| {100 * q['purity']:.1f}% | {', '.join(f'{100 * x:.0f}%' for x in res.class_distribution)} | "
-        f"{wall:.0f} s |", ""])
-    path = HERE / "results/class3d.md"
-    path.write_text(table)
+    out = HERE / "out/class3d"
+    _simulate(out, args)
+    if args.only in ("all", "relion") and not shutil.which("relion_refine"):
+        raise SystemExit("relion_refine is not on PATH: install RELION (apt-get install relion) or use --only ours")
+    for program in (PROGRAMS if args.only == "all" else (args.only,)):
+        wall, cpu, data_star = run_relion(out, args) if program == "relion" else run_ours(out, args)
+        row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, "iter": args.iter,
+               "healpix_order": args.healpix_order, **score(out, data_star)}
+        (out / f"{program}.json").write_text(json.dumps(row))
+    rows = [json.loads((out / f"{k}.json").read_text()) for k in PROGRAMS if (out / f"{k}.json").exists()]
+    dev = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores)"
+    lines = ["# 3D classification: adenylate kinase open vs closed", "",
+             f"{args.n} particles (50% 4AKE open, 50% 1AKE closed), box {args.box}, {args.angpix} Å/px, "
+             f"SNR {args.snr}, mask {args.particle_diameter:g} Å; reference: the average of both states low-passed to "
+             f"{args.ini_high:g} Å; K 2, EM, on {dev}, one program at a time.", "",
+             f"    python benchmarks/bench_class3d.py --n {args.n} --snr {args.snr} --iter {args.iter} "
+             f"--healpix_order {args.healpix_order}", "",
+             "| program | iterations | HEALPix order | particles assigned to their state's class | class sizes "
+             "| median angular error (°) | wall time (s) | CPU time (s) |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['program']} | {r['iter']} | {r['healpix_order']} | {100 * r['purity']:.1f}% | "
+                     f"{', '.join(f'{100 * x:.0f}%' for x in r['sizes'])} | {r['angle_err']:.1f} | "
+                     f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    (HERE / "results/class3d.md").write_text(table)
     print(table)
 
 

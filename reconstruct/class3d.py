@@ -94,6 +94,7 @@ class Class3DOptions:
     offset_step: float = 2.0  # --offset_step (px, coarse; oversampled to half)
     tau2_fudge: float = 4.0  # --tau2_fudge (T)
     ini_high: float = 0.0  # --ini_high: low-pass of --ref (Å); 0 = none
+    strict_highres_exp: float = -1.0  # --strict_highres_exp: E-step uses frequencies up to this (Å); -1 = all
     class_inactivity_threshold: float = 0.0  # vdam class replacement (0 = off, RELION's InitialModel)
     ctf: bool = True
     zero_mask: bool = True
@@ -306,12 +307,16 @@ class _Classifier:
         size = self.current_size(st)
         mask2d = fourier_mask(size, size / 2 - 1, xp)
         inv_s2 = xp.asarray(inverse_sigma2_curve(st.sigma2, size), dtype=xp.float32) * mask2d
+        score_inv_s2 = inv_s2
+        if opt.strict_highres_exp > 0:  # align and classify on the low frequencies only; reconstruct all
+            score_inv_s2 = inv_s2 * fourier_mask(size, self.box * self.px / opt.strict_highres_exp, xp)
         proj_grid = g.transform(st.refs, gridding_correction=True)
         rng = np.random.default_rng([opt.seed, st.it])
         mats, _ = orientations(st.order, opt.sym, perturb=0.5, rng=rng)
         oc = len(mats)
         coarse = g.project(proj_grid, np.repeat(np.arange(self.k), oc), np.tile(mats, (self.k, 1, 1)), size)
-        sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "grid": proj_grid, "coarse": coarse,
+        sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "score_inv_s2": score_inv_s2, "grid": proj_grid,
+                  "coarse": coarse,
                   "mats": mats, "children": child_rotations(angular_step(st.order)),
                   "log_pi": xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)}
         acc = {"g_half": xp.zeros((2, self.k, *g.shape), xp.complex64),
@@ -344,7 +349,7 @@ class _Classifier:
         x = crop_half(centred_fft(centred, 2), size)
         c = crop_half(self.ctf(rows, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
         sc = self.shifts_coarse
-        logl = score_poses(x, c, sample["coarse"], sc, inv_s2, self.box, mask2d)  # (B, K oc, Tc)
+        logl = score_poses(x, c, sample["coarse"], sc, sample["score_inv_s2"], self.box, mask2d)  # (B, K oc, Tc)
         prior = xp.broadcast_to(log_pi[None, :], (b, self.k))
         if fixed is not None:
             prior = xp.where(xp.arange(self.k)[None, :] == xp.asarray(fixed)[:, None], prior, -1e30)
@@ -362,7 +367,8 @@ class _Classifier:
         cls_u = u // (_N_CHILD * oc)
         rot_u = np.einsum("uij,ujk->uik", sample["children"][u % _N_CHILD], mats[(u // _N_CHILD) % oc])
         fine = g.project(sample["grid"], cls_u, rot_u, size)
-        fs = FineSamples(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp)
+        fs = FineSamples(self.box, size, mask2d, x, c, inv_s2, fine, sc, self.shift_children, xp,
+                         score_inv_s2=sample["score_inv_s2"])
         cls_e = sig.orient // oc
         t_abs = xp.asarray(sc, dtype=xp.float32)[sig.shift][:, None, :] + xp.asarray(self.shift_children,
                                                                                      dtype=xp.float32)[None]
@@ -597,7 +603,8 @@ class _Classifier:
                    "rlnDoCorrectNorm": 0, "rlnDoCorrectScale": 0, "rlnDoAutoRefine": 0, "rlnDoMapEstimation": 1,
                    "rlnDoSkipAlign": 0, "rlnDoSkipRotate": 0, "rlnDoStochasticEM": 0,
                    "rlnHasConverged": int(it >= self.n_iter), "rlnIncrementImageSize": 10, "rlnWidthMaskEdge": 5,
-                   "rlnHighresLimitExpectation": -1.0, "rlnChangesOptimalClasses": st.changes_classes,
+                   "rlnHighresLimitExpectation": self.opt.strict_highres_exp,
+                   "rlnChangesOptimalClasses": st.changes_classes,
                    "rlnOverallAccuracyRotations": float(np.sum(st.pi * st.acc_rot)),
                    "rlnOverallAccuracyTranslationsAngst": float(np.sum(st.pi * st.acc_trans)) * self.px,
                    "rlnAlgorithm": opt.algorithm, "rlnSymmetryGroup": opt.sym,

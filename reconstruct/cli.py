@@ -78,6 +78,7 @@ def _class3d_options(a: argparse.Namespace, ref: Path | None, stepsize: float, i
         algorithm=a.algorithm, n_iter=a.iter, sym=a.sym,
         healpix_order=a.healpix_order, max_healpix_order=a.max_healpix_order, offset_range=a.offset_range,
         offset_step=a.offset_step, tau2_fudge=a.tau2_fudge, ini_high=getattr(a, "ini_high", 0.0),
+        strict_highres_exp=getattr(a, "strict_highres_exp", -1.0),
         ctf=not a.no_ctf, zero_mask=not a.no_zero_mask, flatten_solvent=not a.no_flatten_solvent, pad=a.pad,
         ini_subset=a.grad_ini_subset, fin_subset=a.grad_fin_subset, stepsize=stepsize, inflate=inflate,
         write_every=a.grad_write_iter, adaptive_fraction=a.adaptive_fraction, max_significant=a.maxsig,
@@ -517,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "PNG of every class's central slices; --continue resumes.")
     s.add_argument("--ref", required=True, help="reference map (box and pixel size of the particles)")
     s.add_argument("--ini_high", type=float, default=60.0, help="low-pass filter the reference to this resolution (Å)")
+    s.add_argument("--strict_highres_exp", type=float, default=-1.0,
+                   help="align and classify using frequencies up to this resolution only (Å; the maps are still "
+                        "reconstructed to the current resolution); RELION's 'Limit resolution E-step', which keeps "
+                        "classes from locking onto noise (-1: no limit)")
     _add_class3d_arguments(s, initial_model=False)
     s.set_defaults(func=_cmd_class3d)
 

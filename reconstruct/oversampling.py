@@ -25,10 +25,12 @@ class FineSamples:
     """
 
     def __init__(self, box: int, size: int, mask: Any, x: Any, c: Any, inv_s2: Any, fine: Any,
-                 coarse_shifts: np.ndarray, children: np.ndarray, xp: Any) -> None:
+                 coarse_shifts: np.ndarray, children: np.ndarray, xp: Any, score_inv_s2: Any = None) -> None:
         self.xp = xp
         self.xm, self.cm = x[:, mask], c[:, mask]  # (B, F)
-        self.wm = (friedel_weights(size, xp) * inv_s2)[mask]  # each Friedel pair once
+        # Scores may use fewer frequencies than the M-step (RELION's --strict_highres_exp).
+        score_w = inv_s2 if score_inv_s2 is None else score_inv_s2
+        self.wm = (friedel_weights(size, xp) * score_w)[mask]  # each Friedel pair once
         self.inv = inv_s2[mask]
         self.pm = fine[:, mask]  # (K kf, F)
         ky, kx = (a.astype(xp.float32) for a in freq_vectors(size, mask, xp))

@@ -10,11 +10,13 @@ from autoproc.demo import demo_model_path
 from reconstruct.align_maps import align_maps
 from reconstruct.class3d import child_rotations
 from reconstruct.cli import main as reconstruct_main
-from reconstruct.files import read_particles
+from reconstruct.files import read_particles, read_star
 from reconstruct.files.mrc import read_map, write_map
 from reconstruct.fourier import lowpass_filter
 from reconstruct.fsc import resolution_at
 from reconstruct.geometry import angle_between
+from reconstruct.likelihood import fourier_mask, score_poses
+from reconstruct.oversampling import FineSamples
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 from reconstruct.simulate.scoring import classification_quality, truth_labels
 
@@ -28,6 +30,45 @@ def test_child_rotations_split_the_cell_evenly():
     # centres of the 2x2x2 sub-cells of a 30-degree cell: 30 * sqrt(3) / 4 from the centre
     assert np.allclose(ang, 30 * np.sqrt(3) / 4, atol=1e-6)
     assert np.allclose(kids @ np.swapaxes(kids, 1, 2), np.eye(3), atol=1e-6)
+
+
+def test_strict_highres_exp_scores_ignore_the_frequencies_beyond_it():
+    """RELION's --strict_highres_exp: poses are scored on the low frequencies only, so references that
+    differ only beyond the limit score the same; the M-step still gets every frequency."""
+    rng = np.random.default_rng(3)
+    box = size = 16
+    mask = fourier_mask(size, size / 2 - 1, np)
+    shape = (size, size // 2 + 1)
+
+    def cplx(*lead):
+        return (rng.normal(size=(*lead, *shape)) + 1j * rng.normal(size=(*lead, *shape))).astype(np.complex64)
+
+    x, c = cplx(3), rng.uniform(0.2, 1.0, size=(3, *shape)).astype(np.float32)
+    inv = mask.astype(np.float32)
+    low = inv * fourier_mask(size, 4.0, np)
+    p1 = cplx(2)
+    p2 = p1.copy()
+    p2[:, ~fourier_mask(size, 4.0, np)] += cplx(2)[:, ~fourier_mask(size, 4.0, np)]
+    shifts = np.array([[0.0, 0.0], [1.0, -1.0]])
+    assert np.allclose(score_poses(x, c, p1, shifts, low, box, mask), score_poses(x, c, p2, shifts, low, box, mask),
+                       rtol=1e-4, atol=1e-3)
+    assert not np.allclose(score_poses(x, c, p1, shifts, inv, box, mask),
+                           score_poses(x, c, p2, shifts, inv, box, mask), rtol=1e-4, atol=1e-3)
+    img, sh, idx = np.arange(3), np.zeros(3, int), np.tile(np.arange(2), (3, 1))
+    children = np.zeros((4, 2))
+
+    def fine(p, score_w):
+        return FineSamples(box, size, mask, x, c, inv, p, shifts, children, np, score_inv_s2=score_w)
+
+    assert np.allclose(fine(p1, low).scores(img, sh, idx), fine(p2, low).scores(img, sh, idx), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(fine(p1, None).scores(img, sh, idx), fine(p2, None).scores(img, sh, idx),
+                           rtol=1e-4, atol=1e-3)
+    # The M-step sums use all frequencies whatever the scoring limit.
+    groups = np.zeros((3, 2), int)
+    w = np.full((3, 2, 4), 0.125, np.float32)
+    data, weight = np.zeros((1, int(mask.sum())), np.complex64), np.zeros((1, int(mask.sum())), np.float32)
+    fine(p1, low).accumulate(img, sh, groups, w, data, weight)
+    assert (weight[0][~fourier_mask(size, 4.0, np)[mask]] > 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +119,11 @@ def test_class3d_separates_two_different_particles(tmp_path, monkeypatch):
     write_map(tmp_path / "ref.mrc", lowpass_filter((maps[0] + maps[1]) / 2, px, 30.0, ndim=3), px)
     monkeypatch.chdir(tmp_path)
     assert reconstruct_main(["class3d", "--i", "Extract/job001/particles.star", "--ref", "ref.mrc", "--o",
-                             "Class3D/job003", "--K", "2", "--particle_diameter", "80", "--iter", "10"]) == 0
+                             "Class3D/job003", "--K", "2", "--particle_diameter", "80", "--iter", "10",
+                             "--strict_highres_exp", "10"]) == 0
     data = read_particles(tmp_path / "Class3D/job003/run_it010_data.star").data
+    general = read_star(tmp_path / "Class3D/job003/run_it010_optimiser.star")["optimiser_general"].iloc[0]
+    assert float(general["rlnHighresLimitExpectation"]) == 10.0
     q = classification_quality(data["rlnClassNumber"].to_numpy(), truth_labels(tmp_path))
     print("class3d purity", q)
     assert q["purity"] >= 0.9 and q["non_empty"] == 2
