@@ -315,9 +315,9 @@ class _Classifier:
         mats, _ = orientations(st.order, opt.sym, perturb=0.5, rng=rng)
         oc = len(mats)
         coarse = g.project(proj_grid, np.repeat(np.arange(self.k), oc), np.tile(mats, (self.k, 1, 1)), size)
-        sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "score_inv_s2": score_inv_s2, "grid": proj_grid,
-                  "coarse": coarse,
-                  "mats": mats, "children": child_rotations(angular_step(st.order)),
+        sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "score_inv_s2": score_inv_s2,
+                  "grid": proj_grid, "coarse": coarse, "mats": mats,
+                  "children": child_rotations(angular_step(st.order)),
                   "log_pi": xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)}
         acc = {"g_half": xp.zeros((2, self.k, *g.shape), xp.complex64),
                "f_half": xp.zeros((2, self.k, *g.shape), xp.float32),
