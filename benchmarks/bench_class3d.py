@@ -160,8 +160,9 @@ def main() -> None:
     p.add_argument("--iter", type=int, default=25, help="EM iterations (default 25)")
     p.add_argument("--ini_high", type=float, default=20.0, help="low-pass of the consensus reference (Å; default 20)")
     p.add_argument("--healpix_order", type=int, default=2, help="angular sampling of both programs (default 2 = 15°)")
-    p.add_argument("--only", choices=("all", *PROGRAMS), default="all",
-                   help="run one program; the other's last numbers on the same particles are reused (default all)")
+    p.add_argument("--only", choices=("all", *PROGRAMS, "table"), default="all",
+                   help="run one program; the other's last numbers on the same particles are reused; 'table' only "
+                        "rewrites the table (default all)")
     p.add_argument("--gpu", action="store_true", default=gpu_available(), help="run ours on the GPU")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -171,7 +172,7 @@ def main() -> None:
     _simulate(out, args)
     if args.only in ("all", "relion") and not shutil.which("relion_refine"):
         raise SystemExit("relion_refine is not on PATH: install RELION (apt-get install relion) or use --only ours")
-    for program in (PROGRAMS if args.only == "all" else (args.only,)):
+    for program in (PROGRAMS if args.only == "all" else () if args.only == "table" else (args.only,)):
         wall, cpu, data_star = run_relion(out, args) if program == "relion" else run_ours(out, args)
         row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, "iter": args.iter,
                "healpix_order": args.healpix_order, **score(out, data_star)}
