@@ -164,11 +164,14 @@ def main() -> None:
                    help="run one program; the other's last numbers on the same particles are reused; 'table' only "
                         "rewrites the table (default all)")
     p.add_argument("--gpu", action="store_true", default=gpu_available(), help="run ours on the GPU")
+    p.add_argument("--out", default=str(HERE / "out/class3d"), help="work directory (default benchmarks/out/class3d)")
+    p.add_argument("--table", default=str(HERE / "results/class3d.md"),
+                   help="where the Markdown table goes (default benchmarks/results/class3d.md)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.particle_diameter > args.box * args.angpix:
         p.error("--particle_diameter is larger than the box")
-    out = HERE / "out/class3d"
+    out = Path(args.out).resolve()
     _simulate(out, args)
     if args.only in ("all", "relion") and not shutil.which("relion_refine"):
         raise SystemExit("relion_refine is not on PATH: install RELION (apt-get install relion) or use --only ours")
@@ -198,7 +201,7 @@ def main() -> None:
               f"open map as reference, same sampling): median angular error {med:.1f}°, "
               f"{100 * within:.0f}% within 15°."]
     table = "\n".join(lines) + "\n"
-    (HERE / "results/class3d.md").write_text(table)
+    Path(args.table).write_text(table)
     print(table)
 
 
