@@ -63,7 +63,9 @@ def _simulate(out: Path, args: argparse.Namespace) -> None:
 
 def run_ours(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
     t, c = time.perf_counter(), time.process_time()
-    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / "Ours",
+    limit = "" if args.strict_highres_exp <= 0 else f"_e{args.strict_highres_exp:g}"
+    shutil.rmtree(out / f"Ours{limit}", ignore_errors=True)
+    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / f"Ours{limit}",
                                  particle_diameter=args.particle_diameter, ref=out / "consensus.mrc",
                                  n_classes=2, algorithm="em", n_iter=args.iter, ini_high=args.ini_high,
                                  healpix_order=args.healpix_order, max_healpix_order=args.healpix_order,
