@@ -61,11 +61,16 @@ def _simulate(out: Path, args: argparse.Namespace) -> None:
     stamp.write_text(json.dumps(params))
 
 
+def _run_dir(args: argparse.Namespace, program: str) -> str:
+    """One output directory (and JSON row) per program and E-step limit."""
+    return program + ("" if args.strict_highres_exp <= 0 else f"_e{args.strict_highres_exp:g}")
+
+
 def run_ours(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
+    run_dir = out / _run_dir(args, "Ours")
+    shutil.rmtree(run_dir, ignore_errors=True)
     t, c = time.perf_counter(), time.process_time()
-    limit = "" if args.strict_highres_exp <= 0 else f"_e{args.strict_highres_exp:g}"
-    shutil.rmtree(out / f"Ours{limit}", ignore_errors=True)
-    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=out / f"Ours{limit}",
+    res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=run_dir,
                                  particle_diameter=args.particle_diameter, ref=out / "consensus.mrc",
                                  n_classes=2, algorithm="em", n_iter=args.iter, ini_high=args.ini_high,
                                  healpix_order=args.healpix_order, max_healpix_order=args.healpix_order,
@@ -75,9 +80,10 @@ def run_ours(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
 
 
 def run_relion(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]:
-    shutil.rmtree(out / "Relion", ignore_errors=True)
-    (out / "Relion").mkdir()
-    cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--o", "Relion/run", "--ref", "consensus.mrc",
+    name = _run_dir(args, "Relion")
+    shutil.rmtree(out / name, ignore_errors=True)
+    (out / name).mkdir()
+    cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--o", f"{name}/run", "--ref", "consensus.mrc",
            "--ini_high", str(args.ini_high), "--K", "2", "--iter", str(args.iter), "--tau2_fudge", "4",
            "--particle_diameter", str(args.particle_diameter), "--ctf", "--zero_mask", "--flatten_solvent",
            "--firstiter_cc", "--healpix_order", str(args.healpix_order), "--offset_range", "6", "--offset_step", "2",
@@ -85,9 +91,9 @@ def run_relion(out: Path, args: argparse.Namespace) -> tuple[float, float, Path]
            "--pool", "30", "--dont_combine_weights_via_disc", "--strict_highres_exp", str(args.strict_highres_exp)]
     logging.info("running %s", " ".join(cmd))
     t, c = time.perf_counter(), children_cpu()
-    with open(out / "Relion/run.out", "w") as so, open(out / "Relion/run.err", "w") as se:
+    with open(out / name / "run.out", "w") as so, open(out / name / "run.err", "w") as se:
         subprocess.run(cmd, stdout=so, stderr=se, check=True, cwd=out)
-    return time.perf_counter() - t, children_cpu() - c, out / f"Relion/run_it{args.iter:03d}_data.star"
+    return time.perf_counter() - t, children_cpu() - c, out / name / f"run_it{args.iter:03d}_data.star"
 
 
 def score(out: Path, data_star: Path) -> dict:
@@ -184,8 +190,7 @@ def main() -> None:
         wall, cpu, data_star = run_relion(out, args) if program == "relion" else run_ours(out, args)
         row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, "iter": args.iter,
                "healpix_order": args.healpix_order, "e_step_limit": args.strict_highres_exp, **score(out, data_star)}
-        limit = "" if args.strict_highres_exp <= 0 else f"_e{args.strict_highres_exp:g}"
-        (out / f"{program}{limit}.json").write_text(json.dumps(row))
+        (out / f"{_run_dir(args, program)}.json").write_text(json.dumps(row))
     rows = [json.loads(f.read_text()) for k in PROGRAMS for f in sorted(out.glob(f"{k}*.json"))]
     dev = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores)"
     lines = ["# 3D classification: adenylate kinase open vs closed", "",
