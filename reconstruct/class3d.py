@@ -6,7 +6,8 @@ randomly perturbed each time) x translations around each particle's previous off
 significant coarse pose oversampled once (8 finer orientations x 4 finer offsets), as RELION's
 adaptive oversampling -- and an M-step that back-projects, per half set (particle index mod 2), the
 residuals w c (X - c A) / sigma2 and weights w c^2 / sigma2 into the K class grids, from which
-:mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, the EM update).  Samples of one
+:mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, RELION's EM update: the data
+average Wiener-filtered with tau2 = T x the reference's power, ``--tau2_fudge`` T).  Samples of one
 fine orientation are summed before they are back-projected, so the back-projection costs at most one
 slice per distinct fine orientation per batch.  Nothing loops over particles or poses in Python.
 
@@ -62,9 +63,11 @@ from .vdam import (
     direction_power,
     fsc_weights,
     half_set_fsc,
+    power_tau2,
     shell_curve,
     shell_means,
     update_moments,
+    wiener_weights,
 )
 
 log = logging.getLogger("reconstruct")
@@ -210,6 +213,7 @@ class _Classifier:
         # RELION's F floor of 1: F sums c^2 / sigma2 of 2D image transforms, which RELION normalises by
         # 1/N^2 and we do not, so its 1 is our N^-4 (as in 2D).
         self.floor = float(self.box) ** -4
+        self.unfiltered_ref: Any = None  # transform of --ref before its low-pass: the first tau2 (EM)
 
     # -- set-up ---------------------------------------------------------------------------------
     def initial_state(self) -> _State:
@@ -279,6 +283,7 @@ class _Classifier:
         if ref_px > 0 and abs(ref_px - self.px) > 0.01 * self.px:
             raise InputError(opt.ref, f"reference pixel size {ref_px:.3f} Å differs from the particles' "
                              f"{self.px:.3f} Å", "rescale the reference (e.g. relion_image_handler --rescale_angpix)")
+        raw = ref
         if opt.ini_high > 0:
             ref = lowpass_filter(ref, self.px, opt.ini_high, ndim=3)
         shell = max(5, round(self.box * self.px / opt.ini_high)) if opt.ini_high > 0 else self.box // 4
@@ -290,6 +295,8 @@ class _Classifier:
             raise InputError(opt.ref, "the reference does not correlate with the particles",
                              "check that the particles' contrast is inverted (protein white) as RELION expects")
         log.info("reference grey-scale matched to the data: scale %.4g", scale)
+        self.unfiltered_ref = self.grids.transform(xp.asarray(np.repeat((raw * scale)[None], self.k, axis=0))
+                                                   * self.mask3d, gridding_correction=False)
         refs = xp.asarray(np.repeat((ref * scale)[None], self.k, axis=0).astype(np.float32))
         return refs * self.mask3d, shell
 
@@ -457,18 +464,23 @@ class _Classifier:
         radius = acc["size"] / 2
         v = g.transform(st.refs, gridding_correction=False)
         direction = update_moments(g, acc["g_half"], acc["f_half"], st.mom, self.floor, em=self.em)
-        tau2 = opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(it)
-        # RELION's estimate from the moments, capped by what the half sets' own data support (see
-        # half_set_fsc; EM uses the latter alone, a Wiener filter of the data average).
-        fsc = half_set_fsc(g, v, acc["g_half"], acc["f_half"], self.floor, tau2, radius,
-                           None if self.em else st.mom)
-        if not self.em:
-            fsc = xp.minimum(fsc, fsc_weights(g, v, st.mom, tau2, radius))
+        if self.em:
+            # RELION's Class3D: a Wiener filter with tau2 = T x the power of the reference this
+            # iteration aligned to (in the first, of --ref before its --ini_high low-pass).
+            prior = self.unfiltered_ref if it == 1 and self.unfiltered_ref is not None else v
+            weight, fsc = wiener_weights(g, power_tau2(g, prior, opt.tau2_fudge), acc["f_half"].sum(axis=0),
+                                         radius)
+        else:
+            # RELION's estimate from the moments, capped by what the half sets' own data support.
+            tau2 = self.schedule.tau2_fudge_at(it)
+            fsc = xp.minimum(half_set_fsc(g, v, acc["f_half"], self.floor, tau2, radius, st.mom),
+                             fsc_weights(g, v, st.mom, tau2, radius))
+            weight = fsc
         eta = np.ones(self.k) if self.em else class_steps(self.schedule.step(it), st.pi)
         skip: list[int] = []
         if not self.em and opt.class_inactivity_threshold > 0 and self.schedule.replacing(it):
             skip = self.replace_class(st, v, direction, fsc, pi_prev, radius)
-        v = apply_step(g, v, direction, fsc, eta, radius, skip)
+        v = apply_step(g, v, direction, weight, eta, radius, skip)
         refs = g.images(v)
         st.refs = refs * self.mask3d if opt.flatten_solvent else refs
         st.fsc = to_numpy(fsc)

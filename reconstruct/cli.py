@@ -142,7 +142,11 @@ def _add_class3d_arguments(s: argparse.ArgumentParser, initial_model: bool) -> N
                    help="translational search range around each particle's previous offset (pixels)")
     s.add_argument("--offset_step", type=float, default=2.0,
                    help="coarse translational step (pixels); oversampled to half")
-    s.add_argument("--tau2_fudge", type=float, default=4.0, help="regularisation parameter T")
+    s.add_argument("--tau2_fudge", type=float, default=4.0,
+                   help="regularisation parameter T (default 4, RELION's): with em each class is the data "
+                        "average Wiener-filtered with tau2 = T x the power of the class's reference; with "
+                        "vdam it scales the SNR of the step's FSC estimate.  Higher trusts the data more "
+                        "(sharper maps, more overfitting)")
     s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
     s.add_argument("--no_zero_mask", action="store_true", help="do not mask the particle images")
     s.add_argument("--no_flatten_solvent", action="store_true", help="do not zero the maps outside the mask")

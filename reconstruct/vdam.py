@@ -199,25 +199,21 @@ def fsc_weights(grids: Any, v: Any, mom: Moments, tau2_fudge: float, radius: flo
     return fsc
 
 
-def half_set_fsc(grids: Any, v: Any, g_half: Any, f_half: Any, floor: float, tau2_fudge: float,
-                 radius: float, moments: Moments | None = None) -> Any:
-    """Per class and shell, an FSC weight from the two half sets' own data (K, N/2+2).
+def half_set_fsc(grids: Any, v: Any, f_half: Any, floor: float, tau2_fudge: float, radius: float,
+                 moments: Moments) -> Any:
+    """Per class and shell, an FSC weight from the two half sets' first moments (K, N/2+2).
 
-    Each half set's data average is A_h = V + G_h / F_h (the reference cancels where F_h is above the
-    floor), so the shell correlation of A_1 and A_2 measures what this batch's data support; the
-    full set's FSC follows as 2 FSC_half / (1 + FSC_half), and T scales its SNR as in RELION's
-    regularisation: FSC_T = T SNR / (1 + T SNR).  Unlike :func:`fsc_weights` it falls to zero on pure
-    noise whatever T, so the 3D classes are not filled with noise at shells the data do not support.
+    Each half set's estimate is V + m_h, so the shell correlation of the two measures what the data
+    support; the full set's FSC follows as 2 FSC_half / (1 + FSC_half), and T scales its SNR as in
+    RELION's regularisation: FSC_T = T SNR / (1 + T SNR).  Unlike :func:`fsc_weights` it falls to zero
+    on pure noise whatever T, so the 3D classes are not filled with noise at shells the data do not
+    support.  Only cells both halves sampled (F above ``floor``) count.
     """
     xp = grids.xp
     n_shells = grids.box // 2 + 2
     shells = grids.shell_index()
     both = (f_half[0] > floor) & (f_half[1] > floor)
-    if moments is None:
-        a1 = xp.where(both, v + g_half[0] / xp.maximum(f_half[0], floor), 0)
-        a2 = xp.where(both, v + g_half[1] / xp.maximum(f_half[1], floor), 0)
-    else:
-        a1, a2 = xp.where(both, v + moments.m[0], 0), xp.where(both, v + moments.m[1], 0)
+    a1, a2 = xp.where(both, v + moments.m[0], 0), xp.where(both, v + moments.m[1], 0)
     inside = shells <= radius
     cross = shell_means((a1 * xp.conj(a2)).real, shells, n_shells, inside)
     p1 = shell_means(xp.abs(a1) ** 2, shells, n_shells, inside)
@@ -230,14 +226,48 @@ def half_set_fsc(grids: Any, v: Any, g_half: Any, f_half: Any, floor: float, tau
     return fsc
 
 
+# Noise variance of a back-projected average D / W per cell, in units of 1 / W: trilinear insertion
+# spreads each sample over 8 cells with weights summing to 1, so a cell's noise is sum w^2 / (sum w)^2
+# of its samples' -- on average (2/3)^3 of 1 / W (measured 0.30 beyond the lowest shells at padding 2).
+NOISE_PER_INVERSE_WEIGHT = 0.3
+
+
+def power_tau2(grids: Any, v: Any, tau2_fudge: float) -> Any:
+    """RELION's Class3D prior per class and shell, tau2 = T x the reference's power (K, N/2+2)."""
+    xp = grids.xp
+    shells = grids.shell_index()
+    return tau2_fudge * shell_means(xp.abs(v) ** 2, shells, grids.box // 2 + 2, shells <= grids.box // 2 + 1)
+
+
+def wiener_weights(grids: Any, tau2: Any, f: Any, radius: float) -> tuple[Any, Any]:
+    """Per cell, the Wiener weight SSNR / (1 + SSNR) of the data average, SSNR = tau2 F / noise; and
+    per class and shell the FSC equivalent of the shell's mean SSNR (K, N/2+2).
+
+    This is RELION's maximisation without half sets (Class3D): D / (W + 1 / tau2) is the data
+    average times that weight.  Its shell SSNR (``data_vs_prior``) crossing 1 is the class's
+    resolution; unlike a correlation of half sets aligned to the same reference, it is not inflated
+    by the noise that alignment to the reference makes agree.
+    """
+    xp = grids.xp
+    n_shells = grids.box // 2 + 2
+    shells = grids.shell_index()
+    ssnr = tau2[:, xp.minimum(shells, n_shells - 1)] * f / NOISE_PER_INVERSE_WEIGHT
+    ssnr = xp.where((shells <= radius)[None], ssnr, 0).astype(xp.float32)
+    shell_ssnr = shell_means(ssnr, shells, n_shells, shells <= radius)
+    fsc = shell_ssnr / (1 + shell_ssnr)
+    fsc[:, 0] = 1.0
+    return ssnr / (1 + ssnr), fsc
+
+
 def apply_step(grids: Any, v: Any, g: Any, fsc: Any, eta: Any, radius: float, skip: Any = ()) -> Any:
     """V + eta_k (FSC g - (1 - FSC) V) within ``radius`` (zero outside): the new (K, *grid) references.
 
-    Classes in ``skip`` (one just replaced) keep their reference.
+    ``fsc`` is per class and shell (K, n_shells) or per cell (K, *grid).  Classes in ``skip`` (one
+    just replaced) keep their reference.
     """
     xp = grids.xp
     shells = grids.shell_index()
-    w = fsc[:, xp.minimum(shells, fsc.shape[1] - 1)]  # (K, *grid)
+    w = fsc if fsc.ndim == grids.ndim + 1 else fsc[:, xp.minimum(shells, fsc.shape[1] - 1)]  # (K, *grid)
     eta_b = xp.asarray(eta, dtype=xp.float32).reshape((-1,) + (1,) * grids.ndim)
     new = xp.where((shells <= radius)[None], v + eta_b * (w * g - (1 - w) * v), 0)
     for k in skip:

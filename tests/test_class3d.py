@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import ADK_CLOSED, HIV_PROTEASE
+from scipy.spatial.transform import Rotation
 
 from autoproc.demo import demo_model_path
 from reconstruct.align_maps import align_maps
 from reconstruct.class3d import child_rotations
+from reconstruct.class_grids import ClassGrids
 from reconstruct.cli import main as reconstruct_main
 from reconstruct.files import read_particles, read_star
 from reconstruct.files.mrc import read_map, write_map
@@ -19,6 +21,7 @@ from reconstruct.likelihood import fourier_mask, score_poses
 from reconstruct.oversampling import FineSamples
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 from reconstruct.simulate.scoring import classification_quality, truth_labels
+from reconstruct.vdam import NOISE_PER_INVERSE_WEIGHT, shell_means, wiener_weights
 
 BOX, PX = 32, 6.0
 
@@ -30,6 +33,33 @@ def test_child_rotations_split_the_cell_evenly():
     # centres of the 2x2x2 sub-cells of a 30-degree cell: 30 * sqrt(3) / 4 from the centre
     assert np.allclose(ang, 30 * np.sqrt(3) / 4, atol=1e-6)
     assert np.allclose(kids @ np.swapaxes(kids, 1, 2), np.eye(3), atol=1e-6)
+
+
+def test_em_regularisation_measures_back_projected_noise_as_noise():
+    """Class3D's EM Wiener filter needs the noise of a back-projected average D / W per cell: pure
+    noise inserted at random orientations has |D / W|^2 W = the noise constant (trilinear insertion),
+    so a prior of that power gives an SSNR of T per cell, and the shell's FSC-equivalent follows."""
+    n, rng = 32, np.random.default_rng(3)
+    g = ClassGrids(n, 1, 3, 2.0, np)
+    d, w = g.zeros(), g.zeros(np.float32)
+    rots = Rotation.random(1500, random_state=4).as_matrix()
+    for s in range(0, 1500, 300):
+        x = np.fft.fftshift(np.fft.rfft2(np.fft.ifftshift(rng.normal(size=(300, n, n)), axes=(1, 2))), axes=1)
+        g.insert(d, w, np.zeros(300, int), rots[s:s + 300], x / n**2, np.full(x.shape, 1.0 / n**2, np.float32))
+    d, w = g.friedel(d), g.friedel(w, conjugate=False)
+    shells = g.shell_index()
+    seen = w > 1e-3 * w.max()
+    a = np.where(seen, d / np.maximum(w, 1e-30), 0)
+    power_w = shell_means(np.abs(a) ** 2 * w, shells, n // 2 + 2, shells <= n // 2)[0]
+    coverage = shell_means(seen.astype(float), shells, n // 2 + 2, shells <= n // 2)[0]
+    measured = (power_w / np.maximum(coverage, 1e-9))[5:n // 2]  # the lowest shells: too few cells, samples overlap
+    assert np.allclose(measured, NOISE_PER_INVERSE_WEIGHT, rtol=0.15), measured
+    # a prior of T x the noise per cell (T = 2), data of the same weight F everywhere: SSNR 2 per cell
+    f0 = float(w[seen].mean())
+    tau2 = np.full((1, n // 2 + 2), 2.0 * NOISE_PER_INVERSE_WEIGHT / f0)
+    weight, fsc = wiener_weights(g, tau2, np.full(w.shape, f0, np.float32), radius=10)
+    assert np.allclose(weight[(shells <= 10)[None]], 2 / 3, atol=1e-5) and np.all(weight[(shells > 10)[None]] == 0)
+    assert np.allclose(fsc[0, 1:11], 2 / 3, atol=1e-5) and np.all(fsc[0, 11:] == 0)
 
 
 def test_strict_highres_exp_scores_ignore_the_frequencies_beyond_it():
