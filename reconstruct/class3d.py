@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +37,13 @@ from scipy.spatial.transform import Rotation
 
 from .backend import get_xp, to_numpy
 from .class_grids import ClassGrids
-from .class_model_star import write_class_model
+from .classifier_base import ClassifierBase
 from .files.errors import InputError
 from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_map
 from .files.stack import ImageSource
 from .files.star import read_particles, read_star, write_star
 from .fourier import centred_fft, crop_half, lowpass_filter, shift_images
-from .fsc import resolution_at
-from .geometry import angle_between, matrix_to_euler, random_rotations
+from .geometry import angle_between, euler_to_matrix, matrix_to_euler, random_rotations
 from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
@@ -60,12 +58,9 @@ from .vdam import (
     VdamSchedule,
     apply_step,
     class_steps,
-    direction_power,
     fsc_weights,
     half_set_fsc,
     power_tau2,
-    shell_curve,
-    shell_means,
     update_moments,
     wiener_weights,
 )
@@ -163,7 +158,7 @@ def child_rotations(step: float) -> np.ndarray:
     return Rotation.from_rotvec(np.deg2rad(_CHILD_ROTVECS * step)).as_matrix()
 
 
-class _Classifier:
+class _Classifier(ClassifierBase):
     def __init__(self, opt: Class3DOptions) -> None:
         if opt.algorithm not in ("vdam", "em"):
             raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
@@ -449,18 +444,7 @@ class _Classifier:
     def maximise(self, st: _State, acc: dict[str, Any], it: int, full_pass: bool) -> None:
         """Other parameters (running averages), one VDAM (or EM) step of the maps, auto-sampling."""
         xp, g, opt = self.xp, self.grids, self.opt
-        mu = 0.0 if (full_pass or self.em) else 0.9
-        n = max(acc["n"], 1)
-        pi_prev = st.pi.copy()
-        st.changes_classes = acc["changed"] / n
-        st.pi = mu * st.pi + (1 - mu) * acc["class_mass"] / n
-        st.pi /= max(st.pi.sum(), 1e-30)
-        valid = acc["resid_n"] > 0
-        st.sigma2[valid] = mu * st.sigma2[valid] + (1 - mu) * acc["resid"][valid] / acc["resid_n"][valid]
-        st.sigma_offset = max(0.5, math.sqrt(mu * st.sigma_offset**2 + (1 - mu) * acc["offset2"] / (2 * n)))
-        seen = acc["spread_n"] > 0
-        st.acc_rot[seen] = acc["spread_rot"][seen] / acc["spread_n"][seen]
-        st.acc_trans[seen] = acc["spread_trans"][seen] / acc["spread_n"][seen]
+        pi_prev = self.update_other_parameters(st, acc, full_pass)
         radius = acc["size"] / 2
         v = g.transform(st.refs, gridding_correction=False)
         direction = update_moments(g, acc["g_half"], acc["f_half"], st.mom, self.floor, em=self.em)
@@ -483,15 +467,7 @@ class _Classifier:
         v = apply_step(g, v, direction, weight, eta, radius, skip)
         refs = g.images(v)
         st.refs = refs * self.mask3d if opt.flatten_solvent else refs
-        st.fsc = to_numpy(fsc)
-        covered = (acc["f_half"].sum(axis=0) > 0).astype(xp.float32)
-        shells = g.shell_index()
-        st.completeness = to_numpy(shell_means(covered, shells, self.box // 2 + 2, shells <= self.box // 2 + 1))
-        active = st.pi > 0.5 / (self.k * n) if self.k > 1 else np.ones(1, bool)
-        res_shells = [self.resolved_shell(st, k) for k in np.nonzero(active)[0]]
-        st.resolution_shell = max(5, max(res_shells, default=5))
-        st.avg_pmax = float(self.pmax[self.pmax > 0].mean()) if bool((self.pmax > 0).any()) else 0.0
-        st.loglik = float(self.loglik.sum())
+        self.summarise(st, acc, fsc)
         if it % 10 == 0:
             self.auto_sampling(st)
 
@@ -506,29 +482,6 @@ class _Classifier:
             log.info("  sampling: HEALPix order %d (%.1f° coarse, %.2f° after oversampling)", st.order,
                      angular_step(st.order), angular_step(st.order) / 2)
         st.checked_shell = st.resolution_shell
-
-    def resolved_shell(self, st: _State, k: int) -> int:
-        """Last shell of class ``k`` before its SNR estimate drops below 1 (FSC weight 0.5)."""
-        return resolution_at(st.fsc[k], self.box, self.px, 0.5).shell
-
-    def replace_class(self, st: _State, v: Any, direction: Any, fsc: Any, pi_prev: np.ndarray,
-                      radius: float) -> list[int]:
-        """RELION's class replacement: the emptiest class becomes a copy of the busiest one, if tiny."""
-        k_active = int((pi_prev > 0).sum())
-        a = int(np.argmin(pi_prev))
-        b = int(np.argmax(st.pi * direction_power(self.grids, direction, radius)))
-        if a == b or k_active == 0 or pi_prev[a] >= self.opt.class_inactivity_threshold / k_active:
-            return []
-        v[a] = v[b]
-        st.mom.m[:, a] = st.mom.m[:, b]
-        st.mom.m[0, a] *= 0.9
-        st.mom.u[a] = st.mom.u[b]
-        fsc[a] = fsc[b]
-        st.pi[a] = st.pi[b]
-        st.pi /= st.pi.sum()
-        log.info("  class %d (%.2f%% of the particles) replaced by a copy of class %d", a + 1, 100 * pi_prev[a],
-                 b + 1)
-        return [a]
 
     # -- files ------------------------------------------------------------------------------------
     def write(self, st: _State, it: int) -> Path:
@@ -550,7 +503,7 @@ class _Classifier:
             for k in range(self.k):
                 write_map(f"{root}_2moment{k + 1:03d}.mrc", np.fft.ifftshift(u[k], axes=(0, 1)), self.px)
         self.write_data(Path(f"{root}_data.star"))
-        self.write_model(st, Path(f"{root}_model.star"), root.name)
+        self.write_class_model(st, Path(f"{root}_model.star"), root.name)
         write_star(Path(f"{root}_sampling.star"), {"sampling_general": {
             "rlnHealpixOrder": st.order, "rlnPsiStep": angular_step(st.order), "rlnSymmetryGroup": self.opt.sym,
             "rlnOffsetRange": self.opt.offset_range * self.px, "rlnOffsetStep": self.opt.offset_step * self.px,
@@ -562,84 +515,31 @@ class _Classifier:
         return slices
 
     def write_data(self, path: Path) -> None:
-        df = self.table.data.copy()
-        for c in ("rlnOriginX", "rlnOriginY"):
-            if c in df.columns:
-                df = df.drop(columns=c)
-        rot, tilt, psi = matrix_to_euler(self.rot)
-        df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = rot, tilt, psi
-        df["rlnOriginXAngst"] = self.offsets[:, 0] * self.px
-        df["rlnOriginYAngst"] = self.offsets[:, 1] * self.px
-        df["rlnClassNumber"] = self.cls + 1
-        df["rlnNormCorrection"] = 1.0
-        df["rlnLogLikeliContribution"] = self.loglik
-        df["rlnMaxValueProbDistribution"] = self.pmax
-        df["rlnNrOfSignificantSamples"] = self.nsig
-        if "rlnGroupNumber" not in df.columns:
-            df["rlnGroupNumber"] = df["rlnOpticsGroup"].astype(int)
+        df = self.particle_table(drop=("rlnOriginX", "rlnOriginY"))
+        df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = matrix_to_euler(self.rot)
         write_star(path, {"optics": self.table.optics, "particles": df})
 
-    def write_model(self, st: _State, path: Path, root: str) -> None:
-        power = np.abs(to_numpy(self.grids.transform(st.refs, False))) ** 2
-        write_class_model(path, st, ndim=3, box=self.box, pixel_size=self.px, pad=self.opt.pad,
-                          current_size=self.current_size(st),
-                          tau2_fudge=self.opt.tau2_fudge if self.em else self.schedule.tau2_fudge_at(st.it),
-                          optics=self.table.optics, n_particles=self.n,
-                          resolved=[max(self.resolved_shell(st, k), 1) for k in range(self.k)],
-                          references=[f"{self.out / root}_class{k + 1:03d}.mrc" for k in range(self.k)],
-                          moments=None if self.em else (
-                              [f"{self.out / root}_1moment{k + 1:03d}.mrc" for k in range(self.k)],
-                              [f"{self.out / root}_2moment{k + 1:03d}.mrc" for k in range(self.k)]),
-                          tau2=to_numpy(shell_curve(power, self.grids, self.box // 2 + 1)))
+    def write_class_model(self, st: _State, path: Path, root: str) -> None:
+        stem = f"{self.out / root}"
+        self.write_model(st, path, [f"{stem}_class{k + 1:03d}.mrc" for k in range(self.k)],
+                         ([f"{stem}_1moment{k + 1:03d}.mrc" for k in range(self.k)],
+                          [f"{stem}_2moment{k + 1:03d}.mrc" for k in range(self.k)]))
 
     def write_optimiser(self, st: _State, it: int, path: Path, root: str) -> None:
-        opt, sch = self.opt, self.schedule
-        general = {"rlnOutputRootName": str(self.out / "run"), "rlnModelStarFile": f"{self.out / root}_model.star",
-                   "rlnExperimentalDataStarFile": f"{self.out / root}_data.star",
-                   "rlnOrientSamplingStarFile": f"{self.out / root}_sampling.star", "rlnCurrentIteration": it,
-                   "rlnNumberOfIterations": self.n_iter, "rlnDoSplitRandomHalves": 0,
-                   "rlnDoGradientRefine": int(not self.em), "rlnDoStochasticGradientDescent": 0,
-                   "rlnGradEmIters": 0, "rlnGradHasConverged": int(it >= self.n_iter),
-                   "rlnGradCurrentStepsize": 1.0 if self.em else sch.step(max(it, 1)),
-                   "rlnSgdInitialIterationsFraction": sch.ini_frac, "rlnSgdFinalIterationsFraction": sch.fin_frac,
-                   "rlnSgdInitialSubsetSize": sch.ini_subset, "rlnSgdFinalSubsetSize": sch.fin_subset,
-                   "rlnSgdMuFactor": 0.9, "rlnSgdStepsize": sch.stepsize, "rlnSgdStepsizeScheme": "",
-                   "rlnTau2FudgeArg": opt.tau2_fudge, "rlnTau2FudgeScheme": "",
-                   "rlnSgdWriteEverySubset": opt.write_every,
-                   "rlnSgdClassInactivityThreshold": opt.class_inactivity_threshold,
-                   "rlnMaximumSignificantPoses": self.maxsig, "rlnParticleDiameter": opt.particle_diameter,
-                   "rlnRandomSeed": opt.seed, "rlnDoCtfCorrection": int(opt.ctf), "rlnDoZeroMask": int(opt.zero_mask),
-                   "rlnDoSolventFlattening": int(opt.flatten_solvent), "rlnAdaptiveOversampleFraction":
-                   opt.adaptive_fraction, "rlnSigmaOffsetsAngst": st.sigma_offset * self.px,
-                   "rlnDoCorrectCtf": int(opt.ctf), "rlnRefsAreCtfCorrected": 1, "rlnCtfDataArePhaseFlipped": 0,
-                   "rlnDoCorrectNorm": 0, "rlnDoCorrectScale": 0, "rlnDoAutoRefine": 0, "rlnDoMapEstimation": 1,
-                   "rlnDoSkipAlign": 0, "rlnDoSkipRotate": 0, "rlnDoStochasticEM": 0,
-                   "rlnHasConverged": int(it >= self.n_iter), "rlnIncrementImageSize": 10, "rlnWidthMaskEdge": 5,
-                   "rlnHighresLimitExpectation": self.opt.strict_highres_exp,
-                   "rlnChangesOptimalClasses": st.changes_classes,
-                   "rlnOverallAccuracyRotations": float(np.sum(st.pi * st.acc_rot)),
-                   "rlnOverallAccuracyTranslationsAngst": float(np.sum(st.pi * st.acc_trans)) * self.px,
-                   "rlnAlgorithm": opt.algorithm, "rlnSymmetryGroup": opt.sym,
-                   "rlnDenovo3DRef": int(opt.ref is None)}
+        opt = self.opt
+        general = self.optimiser_general(st, it, root)
+        general.update({"rlnOrientSamplingStarFile": f"{self.out / root}_sampling.star",
+                        "rlnDoSolventFlattening": int(opt.flatten_solvent),
+                        "rlnHighresLimitExpectation": opt.strict_highres_exp, "rlnSymmetryGroup": opt.sym,
+                        "rlnDenovo3DRef": int(opt.ref is None)})
         write_star(path, {"optimiser_general": general})
 
     def resume(self) -> _State | None:
         """The state after the last fully written iteration, or None if there is none."""
-        done = sorted(self.out.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
-        if not done:
+        last = self.last_written()
+        if last is None:
             return None
-        opt_star = done[-1]
-        it = int(re.search(r"run_it(\d{3})_", opt_star.name).group(1))
-        general = read_star(opt_star)["optimiser_general"].iloc[0]
-        if str(general.get("rlnAlgorithm", self.opt.algorithm)) != self.opt.algorithm:
-            raise InputError(opt_star, f"was written by --algorithm {general['rlnAlgorithm']}",
-                             "continue with the same algorithm, or use a new output directory")
-        root = self.out / f"run_it{it:03d}"
-        model = read_star(f"{root}_model.star")
-        classes = model["model_classes"]
-        if len(classes) != self.k:
-            raise InputError(Path(f"{root}_model.star"), f"has {len(classes)} classes, --K is {self.k}",
-                             "continue with the same --K")
+        it, root, model = last
         xp, g = self.xp, self.grids
         refs = np.stack([read_map(f"{root}_class{k + 1:03d}.mrc")[0] for k in range(self.k)])
         mom = Moments.empty(g)
@@ -651,32 +551,13 @@ class _Classifier:
                 2, self.k, *g.core_shape))
             m2 = np.stack([read_map(f"{root}_2moment{k + 1:03d}.mrc")[0] for k in range(self.k)])
             mom.u[core] = xp.asarray(np.fft.fftshift(m2, axes=(1, 2)))
-        general_m = model["model_general"].iloc[0]
-        sigma2 = model[f"model_optics_group_{int(self.table.optics['rlnOpticsGroup'].iloc[0])}"]
         order = int(read_star(f"{root}_sampling.star")["sampling_general"].iloc[0]["rlnHealpixOrder"])
-        shell = max(5, round(self.box * self.px / float(general_m["rlnCurrentResolution"])))
-        z = np.zeros((self.k, self.box // 2 + 2))
-        st = _State(it, xp.asarray(refs), mom, np.array(classes["rlnClassDistribution"], dtype=float),
-                    np.array(sigma2["rlnSigma2Noise"], dtype=float),
-                    float(general_m["rlnSigmaOffsetsAngst"]) / self.px, shell, order, z.copy(),
-                    np.array(classes["rlnAccuracyRotations"], dtype=float),
-                    np.array(classes["rlnAccuracyTranslationsAngst"], dtype=float) / self.px, z.copy(),
-                    checked_shell=shell)
-        for k in range(self.k):
-            curve = model[f"model_class_{k + 1}"]["rlnSsnrMap"].to_numpy(float)
-            st.fsc[k, : curve.size] = curve / (1 + curve)
-        data = read_particles(f"{root}_data.star").data
-        if len(data) != self.n:
-            raise InputError(Path(f"{root}_data.star"), f"has {len(data)} particles, the input has {self.n}",
-                             "continue with the same --i")
-        from .geometry import euler_to_matrix
-
-        self.cls = np.array(data["rlnClassNumber"], dtype=int) - 1
-        self.rot = euler_to_matrix(*(data[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
-        self.offsets = np.stack([data["rlnOriginXAngst"], data["rlnOriginYAngst"]], 1).astype(float) / self.px
-        self.pmax = np.array(data["rlnMaxValueProbDistribution"], dtype=float)
-        self.nsig = np.array(data["rlnNrOfSignificantSamples"], dtype=int)
-        self.loglik = np.array(data["rlnLogLikeliContribution"], dtype=float)
+        numbers = self.model_numbers(model)
+        st = _State(it=it, refs=xp.asarray(refs), mom=mom, order=order, checked_shell=numbers["resolution_shell"],
+                    completeness=np.zeros((self.k, self.box // 2 + 2)), **numbers)
+        data = self.load_particles(root)
+        angles = (data[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+        self.rot = euler_to_matrix(*angles)
         log.info("continuing from iteration %d", it)
         return st
 
