@@ -38,7 +38,7 @@ from .geometry import rotation_2d
 from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
-from .oversampling import FineSamples, argmax_per_image, max_per_image, normalise_per_image
+from .oversampling import FineSamples, argmax_per_image, normalise_per_image
 from .particles import CtfSource, origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum
@@ -312,11 +312,10 @@ class _Classifier(ClassifierBase):
 
     def _record(self, rows: np.ndarray, sig: Any, pw: Any, fine_idx: Any, tot_f: Any, cls_e: Any,
                 acc: dict[str, Any]) -> tuple[Any, np.ndarray]:
-        """Best pose, Pmax, significant samples and posterior spreads of each particle; class masses."""
+        """Each particle's best class, in-plane angle and offset; the batch's sums (:meth:`tally`)."""
         xp = self.xp
         b, kf = rows.size, self.psi_fine.size
         img = sig.image
-        e = int(img.shape[0])
         best_e, best_s = argmax_per_image(xp, img, pw, b)
         j, s_idx = best_s // 4, best_s % 4
         best_cls = to_numpy(cls_e[best_e])
@@ -325,19 +324,8 @@ class _Classifier(ClassifierBase):
         img_np = to_numpy(img)
         d_psi = (self.psi_fine[to_numpy(fine_idx % kf)] - new_psi[img_np][:, None] + 180) % 360 - 180
         d_off = to_numpy(tot_f) - new_off[img_np][:, None, :]
-        pw_np = to_numpy(pw).reshape(e, 2, 4)
-        rot2 = np.bincount(img_np, weights=(pw_np * (d_psi**2)[:, :, None]).sum((1, 2)), minlength=b)
-        tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
-        np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
-        np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
-        np.add.at(acc["spread_n"], best_cls, 1)
-        acc["changed"] += int((self.cls[rows] != best_cls).sum())
+        self.tally(rows, sig, pw, cls_e, d_psi, d_off, best_cls, new_off, acc)
         self.cls[rows], self.psi[rows], self.offsets[rows] = best_cls, new_psi, new_off
-        self.pmax[rows] = to_numpy(max_per_image(xp, img, pw, b))
-        self.nsig[rows] = to_numpy(sig.n_significant)
-        np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
-        acc["offset2"] += float((new_off**2).sum())
-        acc["n"] += b
         return fine_idx[best_e, j], new_off
 
 

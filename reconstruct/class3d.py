@@ -47,7 +47,7 @@ from .geometry import angle_between, euler_to_matrix, matrix_to_euler, random_ro
 from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
-from .oversampling import FineSamples, argmax_per_image, max_per_image, normalise_per_image
+from .oversampling import FineSamples, argmax_per_image, normalise_per_image
 from .particles import CtfSource, origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum, reference_scale
@@ -409,7 +409,7 @@ class _Classifier(ClassifierBase):
 
     def _record(self, rows: np.ndarray, sig: Any, pw: Any, local: Any, cls_u: np.ndarray, rot_u: np.ndarray,
                 tot_f: Any, cls_e: Any, acc: dict[str, Any]) -> tuple[Any, np.ndarray]:
-        """Best pose, class, Pmax and posterior spreads of each particle; class masses."""
+        """Each particle's best class, orientation and offset; the batch's sums (:meth:`tally`)."""
         xp = self.xp
         b = rows.size
         img = sig.image
@@ -425,19 +425,8 @@ class _Classifier(ClassifierBase):
         d_ang = to_numpy(angle_between(rot_u[loc_np].reshape(-1, 3, 3),
                                        np.repeat(best_rot[img_np], _N_CHILD, axis=0))).reshape(e, _N_CHILD)
         d_off = to_numpy(tot_f) - new_off[img_np][:, None, :]
-        pw_np = to_numpy(pw).reshape(e, _N_CHILD, 4)
-        rot2 = np.bincount(img_np, weights=(pw_np * (d_ang**2)[:, :, None]).sum((1, 2)), minlength=b)
-        tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
-        np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
-        np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
-        np.add.at(acc["spread_n"], best_cls, 1)
-        acc["changed"] += int((self.cls[rows] != best_cls).sum())
+        self.tally(rows, sig, pw, cls_e, d_ang, d_off, best_cls, new_off, acc)
         self.cls[rows], self.rot[rows], self.offsets[rows] = best_cls, best_rot, new_off
-        self.pmax[rows] = to_numpy(max_per_image(xp, img, pw, b))
-        self.nsig[rows] = to_numpy(sig.n_significant)
-        np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
-        acc["offset2"] += float((new_off**2).sum())
-        acc["n"] += b
         return best_local, new_off
 
     # -- maximisation -------------------------------------------------------------------------------

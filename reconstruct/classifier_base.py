@@ -25,6 +25,7 @@ from .class_model_star import write_class_model
 from .files.errors import InputError
 from .files.star import read_particles, read_star
 from .fsc import resolution_at
+from .oversampling import max_per_image
 from .vdam import direction_power, shell_curve, shell_means
 
 log = logging.getLogger("reconstruct")
@@ -51,6 +52,29 @@ class ClassifierBase:
     pmax: np.ndarray
     nsig: np.ndarray
     loglik: np.ndarray
+
+    # -- E-step bookkeeping ---------------------------------------------------------------------
+    def tally(self, rows: np.ndarray, sig: Any, pw: Any, cls_e: Any, d_ang: np.ndarray, d_off: np.ndarray,
+              best_cls: np.ndarray, new_off: np.ndarray, acc: dict[str, Any]) -> None:
+        """A batch's per-particle Pmax and number of significant samples, and its sums for the other
+        parameters: per class, the posterior spreads of angle and offset around each particle's best
+        pose (``d_ang`` (E, C) degrees and ``d_off`` (E, S, 2) px from it, for the E significant
+        coarse poses' C finer angles and S finer offsets), the class masses, and the class changes
+        and squared offsets.  Call before the particles' classes are updated to ``best_cls``."""
+        b = rows.size
+        img_np = to_numpy(sig.image)
+        pw_np = to_numpy(pw).reshape(*d_ang.shape, d_off.shape[1])
+        rot2 = np.bincount(img_np, weights=(pw_np * (d_ang**2)[:, :, None]).sum((1, 2)), minlength=b)
+        tr2 = np.bincount(img_np, weights=(pw_np * (d_off**2).sum(-1)[:, None, :]).sum((1, 2)), minlength=b)
+        np.add.at(acc["spread_rot"], best_cls, np.sqrt(rot2))
+        np.add.at(acc["spread_trans"], best_cls, np.sqrt(tr2))
+        np.add.at(acc["spread_n"], best_cls, 1)
+        acc["changed"] += int((self.cls[rows] != best_cls).sum())
+        self.pmax[rows] = to_numpy(max_per_image(self.xp, sig.image, pw, b))
+        self.nsig[rows] = to_numpy(sig.n_significant)
+        np.add.at(acc["class_mass"], to_numpy(cls_e), to_numpy(pw.sum(axis=1)))
+        acc["offset2"] += float((new_off**2).sum())
+        acc["n"] += b
 
     # -- maximisation ---------------------------------------------------------------------------
     def update_other_parameters(self, st: Any, acc: dict[str, Any], full_pass: bool) -> np.ndarray:
