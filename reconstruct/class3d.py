@@ -208,7 +208,7 @@ class _Classifier(ClassifierBase):
         # RELION's F floor of 1: F sums c^2 / sigma2 of 2D image transforms, which RELION normalises by
         # 1/N^2 and we do not, so its 1 is our N^-4 (as in 2D).
         self.floor = float(self.box) ** -4
-        self.unfiltered_ref: Any = None  # transform of --ref before its low-pass: the first tau2 (EM)
+        self.unfiltered_power: Any = None  # (K, shells) power of --ref before its low-pass: the first tau2 (EM)
 
     # -- set-up ---------------------------------------------------------------------------------
     def initial_state(self) -> _State:
@@ -290,8 +290,8 @@ class _Classifier(ClassifierBase):
             raise InputError(opt.ref, "the reference does not correlate with the particles",
                              "check that the particles' contrast is inverted (protein white) as RELION expects")
         log.info("reference grey-scale matched to the data: scale %.4g", scale)
-        self.unfiltered_ref = self.grids.transform(xp.asarray(np.repeat((raw * scale)[None], self.k, axis=0))
-                                                   * self.mask3d, gridding_correction=False)
+        unfiltered = xp.asarray(np.repeat((raw * scale)[None], self.k, axis=0)) * self.mask3d
+        self.unfiltered_power = power_tau2(self.grids, self.grids.transform(unfiltered, gridding_correction=False), 1.0)
         refs = xp.asarray(np.repeat((ref * scale)[None], self.k, axis=0).astype(np.float32))
         return refs * self.mask3d, shell
 
@@ -440,9 +440,9 @@ class _Classifier(ClassifierBase):
         if self.em:
             # RELION's Class3D: a Wiener filter with tau2 = T x the power of the reference this
             # iteration aligned to (in the first, of --ref before its --ini_high low-pass).
-            prior = self.unfiltered_ref if it == 1 and self.unfiltered_ref is not None else v
-            weight, fsc = wiener_weights(g, power_tau2(g, prior, opt.tau2_fudge), acc["f_half"].sum(axis=0),
-                                         radius)
+            first = it == 1 and self.unfiltered_power is not None
+            tau2 = opt.tau2_fudge * self.unfiltered_power if first else power_tau2(g, v, opt.tau2_fudge)
+            weight, fsc = wiener_weights(g, tau2, acc["f_half"].sum(axis=0), radius)
         else:
             # RELION's estimate from the moments, capped by what the half sets' own data support.
             tau2 = self.schedule.tau2_fudge_at(it)
