@@ -26,20 +26,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backend import get_xp, to_numpy
-from .class_grids import ClassGrids
+from .backend import to_numpy
 from .classifier_base import ClassifierBase
 from .files.errors import InputError
 from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_stack
-from .files.stack import ImageSource, read_named_images
-from .files.star import read_particles, read_star, write_star
+from .files.stack import read_named_images
+from .files.star import read_star, write_star
 from .fourier import centred_fft, crop_half, shift_images
 from .geometry import rotation_2d
 from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
 from .oversampling import FineSamples, argmax_per_image, normalise_per_image
-from .particles import CtfSource, origins_px
+from .particles import origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum
 from .sampling import translations
@@ -125,32 +124,13 @@ def _even(n: float) -> int:
 
 class _Classifier(ClassifierBase):
     def __init__(self, opt: Class2DOptions) -> None:
-        if opt.algorithm not in ("vdam", "em"):
-            raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
-        if opt.n_classes < 1:
-            raise ValueError("--K must be at least 1")
-        self.opt = opt
-        self.em = opt.algorithm == "em"
-        self.xp = get_xp(opt.gpu)
-        self.out = Path(opt.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.table = read_particles(opt.star)
-        self.src = ImageSource(self.table, opt.project_dir)
-        self.box, self.px = self.src.box, self.src.pixel_size
-        self.n, self.k = len(self.table), opt.n_classes
-        radius_px = opt.particle_diameter / (2 * self.px)
-        if radius_px > self.box / 2:
-            raise InputError(opt.star, f"--particle_diameter {opt.particle_diameter:g} Å is larger than the "
-                             f"box ({self.box} px x {self.px:.3f} Å)", "give the particle's diameter in Å")
-        self.grids = ClassGrids(self.box, self.k, 2, opt.pad, self.xp)
+        radius_px = self.open_job(opt, 2)
         # Grids, moments, two halves of data and weights, projections: a rough upper bound.
         n_slices = self.k * round(720 / opt.psi_step)
         need = self.grids.cells * self.k * 8 * 9 + n_slices * self.box * (self.box // 2 + 1) * 8
         check_fits(need, self.xp, f"2D classification of K={self.k} classes at box {self.box}",
                    "use fewer classes (--K), a coarser --psi_step or downsampled particles")
-        self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
         self.mask = soft_sphere((self.box, self.box), radius_px, 5.0, self.xp)
-        self.n_iter = opt.n_iter or (25 if self.em else 200)
         self.schedule = VdamSchedule(n_iter=self.n_iter, n_particles=self.n, ini_subset=opt.ini_subset,
                                      fin_subset=opt.fin_subset, stepsize=opt.stepsize,
                                      tau2_fudge=opt.tau2_fudge, kind="2d")
@@ -162,14 +142,8 @@ class _Classifier(ClassifierBase):
         self.shifts_coarse = translations(opt.offset_range, 2 * opt.offset_step)
         self.shift_children = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * (0.5 * opt.offset_step)
         data = self.table.data
-        self.cls = np.arange(self.n) % self.k
         self.psi = np.array(data["rlnAnglePsi"], dtype=float) if "rlnAnglePsi" in data else np.zeros(self.n)
         self.offsets = np.array(origins_px(self.table, self.px), dtype=float)
-        self.pmax = np.zeros(self.n)
-        self.nsig = np.zeros(self.n, dtype=int)
-        self.loglik = np.zeros(self.n)
-        # The F floor: RELION's 1 with its FFT normalised by 1/N^2, in our unnormalised units.
-        self.floor = float(self.box) ** -4
 
     # -- set-up ---------------------------------------------------------------------------------
     def initial_state(self) -> _State:

@@ -35,20 +35,18 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .backend import get_xp, to_numpy
-from .class_grids import ClassGrids
+from .backend import to_numpy
 from .classifier_base import ClassifierBase
 from .files.errors import InputError
 from .files.mrc import deinterleave_complex, interleave_complex, read_map, write_map
-from .files.stack import ImageSource
-from .files.star import read_particles, read_star, write_star
+from .files.star import read_star, write_star
 from .fourier import centred_fft, crop_half, lowpass_filter, shift_images
 from .geometry import angle_between, euler_to_matrix, matrix_to_euler, random_rotations
 from .likelihood import fourier_mask, inverse_sigma2_curve, score_poses, significant_posteriors
 from .masks import soft_sphere
 from .memory import check_fits
 from .oversampling import FineSamples, argmax_per_image, normalise_per_image
-from .particles import CtfSource, origins_px
+from .particles import origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum, reference_scale
 from .sampling import angular_step, orientations, translations
@@ -160,26 +158,10 @@ def child_rotations(step: float) -> np.ndarray:
 
 class _Classifier(ClassifierBase):
     def __init__(self, opt: Class3DOptions) -> None:
-        if opt.algorithm not in ("vdam", "em"):
-            raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
-        if opt.n_classes < 1:
-            raise ValueError("--K must be at least 1")
         if not 0 <= opt.healpix_order <= opt.max_healpix_order <= 4:
             raise ValueError("need 0 <= --healpix_order <= --max_healpix_order <= 4")
-        self.opt = opt
-        self.em = opt.algorithm == "em"
-        self.xp = xp = get_xp(opt.gpu)
-        self.out = Path(opt.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.table = read_particles(opt.star)
-        self.src = ImageSource(self.table, opt.project_dir)
-        self.box, self.px = self.src.box, self.src.pixel_size
-        self.n, self.k = len(self.table), opt.n_classes
-        radius_px = opt.particle_diameter / (2 * self.px)
-        if radius_px > self.box / 2:
-            raise InputError(opt.star, f"--particle_diameter {opt.particle_diameter:g} Å is larger than the "
-                             f"box ({self.box} px x {self.px:.3f} Å)", "give the particle's diameter in Å")
-        self.grids = ClassGrids(self.box, self.k, 3, opt.pad, xp)
+        radius_px = self.open_job(opt, 3)
+        xp = self.xp
         self.sym_ops = symmetry_operators(opt.sym)
         self.maxsig = opt.max_significant if opt.max_significant > 0 else 5 * self.k
         # Grids: references, moments, two halves of data and weights; the coarse slices at the finest order.
@@ -189,25 +171,16 @@ class _Classifier(ClassifierBase):
         check_fits(need, xp, f"3D classification of K={self.k} classes at box {self.box}",
                    "use fewer classes (--K), a lower --max_healpix_order, a smaller --batch or --maxsig, "
                    "or downsampled particles")
-        self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
         self.mask2d = soft_sphere((self.box, self.box), radius_px, 5.0, xp)
         self.mask3d = soft_sphere((self.box,) * 3, radius_px, 5.0, xp)
-        self.n_iter = opt.n_iter or (25 if self.em else 200)
         kind = "initial_model" if opt.ref is None else "3d"
         self.schedule = VdamSchedule(n_iter=self.n_iter, n_particles=self.n, ini_subset=opt.ini_subset,
                                      fin_subset=opt.fin_subset, stepsize=opt.stepsize, inflate=opt.inflate,
                                      tau2_fudge=opt.tau2_fudge, kind=kind)
         self.shifts_coarse = translations(opt.offset_range, opt.offset_step)
         self.shift_children = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * (0.25 * opt.offset_step)
-        self.cls = np.arange(self.n) % self.k
         self.rot = np.tile(np.eye(3), (self.n, 1, 1))
         self.offsets = np.zeros((self.n, 2)) if opt.ref is None else np.array(origins_px(self.table, self.px))
-        self.pmax = np.zeros(self.n)
-        self.nsig = np.zeros(self.n, dtype=int)
-        self.loglik = np.zeros(self.n)
-        # RELION's F floor of 1: F sums c^2 / sigma2 of 2D image transforms, which RELION normalises by
-        # 1/N^2 and we do not, so its 1 is our N^-4 (as in 2D).
-        self.floor = float(self.box) ** -4
         self.unfiltered_power: Any = None  # (K, shells) power of --ref before its low-pass: the first tau2 (EM)
 
     # -- set-up ---------------------------------------------------------------------------------

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backend import to_numpy
+from .backend import get_xp, to_numpy
+from .class_grids import ClassGrids
 from .class_model_star import write_class_model
 from .files.errors import InputError
+from .files.stack import ImageSource
 from .files.star import read_particles, read_star
 from .fsc import resolution_at
 from .oversampling import max_per_image
+from .particles import CtfSource
 from .vdam import direction_power, shell_curve, shell_means
 
 log = logging.getLogger("reconstruct")
@@ -40,6 +43,9 @@ class ClassifierBase:
     grids: Any
     out: Path
     table: Any
+    src: Any
+    ctf: Any
+    floor: float
     box: int
     px: float
     n: int
@@ -52,6 +58,38 @@ class ClassifierBase:
     pmax: np.ndarray
     nsig: np.ndarray
     loglik: np.ndarray
+
+    def open_job(self, opt: Any, ndim: int) -> float:
+        """The set-up every classification job shares: check the options, read the particles, make the
+        class grids and per-particle arrays; returns the particle radius in pixels."""
+        if opt.algorithm not in ("vdam", "em"):
+            raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
+        if opt.n_classes < 1:
+            raise ValueError("--K must be at least 1")
+        self.opt = opt
+        self.em = opt.algorithm == "em"
+        self.xp = get_xp(opt.gpu)
+        self.out = Path(opt.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.table = read_particles(opt.star)
+        self.src = ImageSource(self.table, opt.project_dir)
+        self.box, self.px = self.src.box, self.src.pixel_size
+        self.n, self.k = len(self.table), opt.n_classes
+        radius_px = opt.particle_diameter / (2 * self.px)
+        if radius_px > self.box / 2:
+            raise InputError(opt.star, f"--particle_diameter {opt.particle_diameter:g} Å is larger than the "
+                             f"box ({self.box} px x {self.px:.3f} Å)", "give the particle's diameter in Å")
+        self.grids = ClassGrids(self.box, self.k, ndim, opt.pad, self.xp)
+        self.ctf = CtfSource(self.table, self.box, self.px) if opt.ctf else None
+        self.n_iter = opt.n_iter or (25 if self.em else 200)
+        self.cls = np.arange(self.n) % self.k
+        self.pmax = np.zeros(self.n)
+        self.nsig = np.zeros(self.n, dtype=int)
+        self.loglik = np.zeros(self.n)
+        # RELION's F floor of 1: F sums c^2 / sigma2 of 2D image transforms, which RELION normalises by
+        # 1/N^2 and we do not, so its 1 is our N^-4.
+        self.floor = float(self.box) ** -4
+        return radius_px
 
     # -- E-step bookkeeping ---------------------------------------------------------------------
     def tally(self, rows: np.ndarray, sig: Any, pw: Any, cls_e: Any, d_ang: np.ndarray, d_off: np.ndarray,
