@@ -453,12 +453,7 @@ def class2d(opt: Class2DOptions) -> Class2DResult:
     while st.it < c.n_iter:
         it = st.it + 1
         st.it = it
-        if c.em:
-            rows, full = np.arange(c.n), True
-        else:
-            size = c.schedule.subset_size(it, c.k)
-            rows = np.sort(np.random.default_rng(opt.seed + it).permutation(c.n)[:size])
-            full = size >= c.n
+        rows, full = c.batch_rows(it)
         t0 = time.perf_counter()
         acc = c.iterate(st, rows, full)
         c.maximise(st, acc, it, full)

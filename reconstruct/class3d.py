@@ -562,12 +562,7 @@ def class3d(opt: Class3DOptions) -> Class3DResult:
     while st.it < c.n_iter:
         it = st.it + 1
         st.it = it
-        if c.em:
-            rows, full = np.arange(c.n), True
-        else:
-            size = c.schedule.subset_size(it, c.k)
-            rows = np.sort(np.random.default_rng(opt.seed + it).permutation(c.n)[:size])
-            full = size >= c.n
+        rows, full = c.batch_rows(it)
         t0 = time.perf_counter()
         acc = c.iterate(st, rows, fixed if it == 1 else None)
         c.maximise(st, acc, it, full)

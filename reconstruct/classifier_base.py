@@ -91,6 +91,16 @@ class ClassifierBase:
         self.floor = float(self.box) ** -4
         return radius_px
 
+    def batch_rows(self, it: int) -> tuple[np.ndarray, bool]:
+        """The particles of iteration ``it`` (all of them for EM, else a random mini-batch of the
+        schedule's size, the same for a given seed and iteration so ``--continue`` repeats it) and
+        whether that is a full pass."""
+        if self.em:
+            return np.arange(self.n), True
+        size = self.schedule.subset_size(it, self.k)
+        rows = np.sort(np.random.default_rng(self.opt.seed + it).permutation(self.n)[:size])
+        return rows, size >= self.n
+
     # -- E-step bookkeeping ---------------------------------------------------------------------
     def tally(self, rows: np.ndarray, sig: Any, pw: Any, cls_e: Any, d_ang: np.ndarray, d_off: np.ndarray,
               best_cls: np.ndarray, new_off: np.ndarray, acc: dict[str, Any]) -> None:
