@@ -59,6 +59,13 @@ def _gpu(o: Options) -> list[str]:
     return ["--gpu"] if yes(o, "use_gpu") else []
 
 
+def _switched_off(o: Options, cont: bool, flags: dict[str, str]) -> list[str]:
+    """The job's closing flags: one per yes/no option (on by default in RELION) the user turned off,
+    ``--continue`` when resuming, then ``--gpu`` and the user's other arguments."""
+    off = [flag for key, flag in flags.items() if not yes(o, key, True)]
+    return off + (["--continue"] if cont else []) + _gpu(o) + _other(o)
+
+
 @dataclass(frozen=True)
 class JobType:
     """How one RELION job type runs in autoproc."""
@@ -233,13 +240,7 @@ def _class2d_cmds(o: Options, d: str, cont: bool) -> list[list[str]]:
            "--iter", str(class2d_iterations(o)), "--tau2_fudge", _n(num(o, "tau_fudge", 2)),
            "--psi_step", _n(num(o, "psi_sampling", 6)), "--offset_range", _n(num(o, "offset_range", 5)),
            "--offset_step", _n(num(o, "offset_step", 1))]
-    if not yes(o, "do_ctf_correction", True):
-        cmd.append("--no_ctf")
-    if not yes(o, "do_zero_mask", True):
-        cmd.append("--no_zero_mask")
-    if cont:
-        cmd.append("--continue")
-    return [cmd + _gpu(o) + _other(o)]
+    return [cmd + _switched_off(o, cont, {"do_ctf_correction": "--no_ctf", "do_zero_mask": "--no_zero_mask"})]
 
 
 def _class2d_outputs(o: Options, d: str) -> list[tuple[str, str]]:
@@ -255,15 +256,8 @@ def _initialmodel_cmds(o: Options, d: str, cont: bool) -> list[list[str]]:
            "--particle_diameter", _n(num(o, "particle_diameter", 200)), "--tau2_fudge", _n(num(o, "tau_fudge", 4)),
            "--offset_range", _n(num(o, "offset_range", 6)), "--offset_step", _n(num(o, "offset_step", 2)),
            "--healpix_order", str(healpix_order(o.get("sampling", "15 degrees"), "sampling") - 1)]
-    if not yes(o, "do_run_C1", True):
-        cmd.append("--no_run_in_c1")
-    if not yes(o, "do_ctf_correction", True):
-        cmd.append("--no_ctf")
-    if not yes(o, "do_solvent", True):
-        cmd.append("--no_flatten_solvent")
-    if cont:
-        cmd.append("--continue")
-    return [cmd + _gpu(o) + _other(o)]
+    return [cmd + _switched_off(o, cont, {"do_run_C1": "--no_run_in_c1", "do_ctf_correction": "--no_ctf",
+                                          "do_solvent": "--no_flatten_solvent"})]
 
 
 def _initialmodel_outputs(o: Options, d: str) -> list[tuple[str, str]]:
@@ -282,11 +276,7 @@ def _refine3d_cmds(o: Options, d: str, cont: bool) -> list[list[str]]:
            "--auto_local_healpix_order", str(healpix_order(o.get("auto_local_sampling", "1.8 degrees"),
                                                              "auto_local_sampling") - 1),
            "--offset_range", _n(num(o, "offset_range", 5)), "--offset_step", _n(num(o, "offset_step", 1))]
-    if not yes(o, "do_ctf_correction", True):
-        cmd.append("--no_ctf")
-    if cont:
-        cmd.append("--continue")
-    return [cmd + _gpu(o) + _other(o)]
+    return [cmd + _switched_off(o, cont, {"do_ctf_correction": "--no_ctf"})]
 
 
 def _refine3d_outputs(o: Options, d: str) -> list[tuple[str, str]]:

@@ -348,3 +348,18 @@ def test_rerun_keeps_the_projects_settings_and_applies_new_flags(tmp_path: Path)
     assert again.extra == {"proc/class2d": {"nr_classes": "40"}, "proc/refine3d": {"ini_high": "30"}}
     save_settings(tmp_path, again)
     assert load_settings(tmp_path) == again
+
+
+def test_job_commands_turn_off_relion_defaults_and_resume() -> None:
+    """A job.star's "No" on an option RELION defaults to "Yes" becomes our negated flag, in the order
+    the options are listed; a resumed job gets --continue; the user's other arguments come last."""
+    from autoproc.job_types import JOB_TYPES
+
+    o = {"fn_img": "Extract/job004/particles.star", "do_run_C1": "No", "do_solvent": "No",
+         "do_ctf_correction": "yes", "use_gpu": "Yes", "other_args": "--batch 32"}
+    (cmd,) = JOB_TYPES["relion.initialmodel"].commands(o, "InitialModel/job005/", True)
+    assert cmd[-6:] == ["--no_run_in_c1", "--no_flatten_solvent", "--continue", "--gpu", "--batch", "32"]
+    assert "--no_ctf" not in cmd
+    (cmd,) = JOB_TYPES["relion.class2d"].commands({"fn_img": "p.star", "do_zero_mask": "No"}, "Class2D/job006/",
+                                                  False)
+    assert cmd[-1] == "--no_zero_mask" and "--continue" not in cmd and "--no_ctf" not in cmd
