@@ -120,6 +120,20 @@ def _ssri_options(a: argparse.Namespace) -> Any:
                        search=not a.ssri_no_search, fsc_weight=not a.ssri_no_fsc_weight)
 
 
+def _add_run_options(s: argparse.ArgumentParser, batch: int, batch_help: str, seed_help: str | None = None,
+                     resume: bool = False) -> None:
+    """The closing options of every command that reads particles: --batch, --random_seed (where the
+    command draws anything at random), --continue (where it can resume), --project_dir, --gpu."""
+    s.add_argument("--batch", type=int, default=batch, help=batch_help)
+    if seed_help is not None:
+        s.add_argument("--random_seed", type=int, default=0, help=seed_help)
+    if resume:
+        s.add_argument("--continue", dest="continue_run", action="store_true",
+                       help="resume from the last written iteration in --o")
+    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
+    add_gpu_flag(s)
+
+
 def _add_class3d_arguments(s: argparse.ArgumentParser, initial_model: bool) -> None:
     """Options shared by ``initialmodel`` and ``class3d`` (RELION's names and each job's defaults)."""
     s.add_argument("--i", required=True, help="particle STAR file (with CTF parameters)")
@@ -165,12 +179,8 @@ def _add_class3d_arguments(s: argparse.ArgumentParser, initial_model: bool) -> N
                    help="posterior mass of the coarse poses oversampled per particle")
     s.add_argument("--maxsig", type=int, default=-1,
                    help="most coarse poses oversampled per particle (-1: 5 K; RELION uses 100 K)")
-    s.add_argument("--batch", type=int, default=512, help="particles per E-step batch (lower it if memory is short)")
-    s.add_argument("--random_seed", type=int, default=0, help="seed of the initial maps, classes and mini-batches")
-    s.add_argument("--continue", dest="continue_run", action="store_true",
-                   help="resume from the last written iteration in --o")
-    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    add_gpu_flag(s)
+    _add_run_options(s, 512, "particles per E-step batch (lower it if memory is short)",
+                     "seed of the initial maps, classes and mini-batches", resume=True)
 
 
 def _add_ssri_options(s: argparse.ArgumentParser) -> None:
@@ -406,9 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--maxres", type=float, default=-1.0, help="highest resolution to include (Å); -1: Nyquist")
     s.add_argument("--subset", type=int, default=0, choices=(0, 1, 2), help="use only this rlnRandomSubset (0: all)")
     s.add_argument("--class", dest="cls", type=int, default=-1, help="use only this rlnClassNumber (-1: all)")
-    s.add_argument("--batch", type=int, default=256, help="images read and inserted per batch")
-    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    add_gpu_flag(s)
+    _add_run_options(s, 256, "images read and inserted per batch")
     s.set_defaults(func=_cmd_backproject)
 
     s = sub.add_parser("refine3d", formatter_class=HELP_FORMAT,
@@ -438,13 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior mass of the poses kept per particle")
     s.add_argument("--maxsig", type=int, default=256, help="most poses per particle kept for the M-step")
     s.add_argument("--iter", type=int, default=30, help="maximum number of iterations")
-    s.add_argument("--batch", type=int, default=64, help="particles per batch in the E-step")
-    s.add_argument("--random_seed", type=int, default=0, help="seed for the half-set split and sampling perturbation")
-    s.add_argument("--continue", dest="continue_run", action="store_true",
-                   help="resume from the last completed iteration in --o")
-    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
     _add_ssri_options(s)
-    add_gpu_flag(s)
+    _add_run_options(s, 64, "particles per batch in the E-step",
+                     "seed for the half-set split and sampling perturbation", resume=True)
     s.set_defaults(func=_cmd_refine3d)
 
     s = sub.add_parser("class2d", formatter_class=HELP_FORMAT,
@@ -490,12 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--maxsig", type=int, default=-1,
                    help="most coarse poses oversampled per particle (-1: 5 K for vdam and em; 0: no cap, as "
                         "RELION's EM, many times slower while the classes are blurred)")
-    s.add_argument("--batch", type=int, default=256, help="particles per E-step batch (lower it if memory is short)")
-    s.add_argument("--random_seed", type=int, default=0, help="seed of the initial references and mini-batches")
-    s.add_argument("--continue", dest="continue_run", action="store_true",
-                   help="resume from the last written iteration in --o")
-    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    add_gpu_flag(s)
+    _add_run_options(s, 256, "particles per E-step batch (lower it if memory is short)",
+                     "seed of the initial references and mini-batches", resume=True)
     s.set_defaults(func=_cmd_class2d)
 
     s = sub.add_parser("initialmodel", formatter_class=HELP_FORMAT,
@@ -544,10 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None,
                    help="run_model.star with the noise spectrum (default: the one next to --i, else estimated)")
     s.add_argument("--no_ctf", action="store_true", help="do not correct for the CTF")
-    s.add_argument("--batch", type=int, default=256, help="particles per back-projection batch")
-    s.add_argument("--random_seed", type=int, default=0, help="seed of the subset and the held-out voxels")
-    s.add_argument("--project_dir", default=None, help="directory that image paths are relative to (default: cwd)")
-    add_gpu_flag(s)
+    _add_run_options(s, 256, "particles per back-projection batch", "seed of the subset and the held-out voxels")
     s.set_defaults(func=_cmd_ssri_tune)
 
     s = sub.add_parser("postprocess", formatter_class=HELP_FORMAT,
