@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _results import table_path
 from _timing import children_cpu, first_row_star
 
 from autoproc.demo import demo_model_path
@@ -200,7 +201,8 @@ def main() -> None:
     ap.add_argument("--adjust", default="0,1", help="--LoG_adjust_threshold values (default 0,1)")
     ap.add_argument("--no-4k", dest="big", action="store_false", help="skip the 4k x 4k timing")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each job (median reported; default 3)")
-    ap.add_argument("--out", default=str(HERE / "out" / "autopick"), help="work directory")
+    ap.add_argument("--out", default=str(HERE / "out" / "autopick"),
+                    help="work directory (default benchmarks/out/autopick; elsewhere, the table goes there too)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not shutil.which("relion_autopick"):
@@ -264,8 +266,7 @@ def write_table(rows: list[dict], big: dict | None, tfp: dict | None, args: argp
               + ("" if args.big else " --no-4k") + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "autopick.md").write_text(text)
+    table_path("autopick.md", Path(args.out), HERE / "out" / "autopick").write_text(text)
 
 
 if __name__ == "__main__":

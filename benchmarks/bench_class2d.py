@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import table_path
 from _timing import children_cpu
 
 from autoproc.demo import demo_model_path
@@ -34,6 +35,7 @@ from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_
 from reconstruct.simulate.scoring import classification_quality, truth_labels
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "out" / "class2d"
 PROGRAMS = {"vdam": "ours (class2d --algorithm vdam)", "em": "ours (class2d --algorithm em)",
             "relion": "RELION 3.1 (relion_refine, EM)"}
 
@@ -94,8 +96,8 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=160.0, help="mask diameter in Å (default 160)")
     ap.add_argument("--only", choices=("all", *PROGRAMS), default="all",
                     help="run one program; the others' last numbers on the same particles are reused (default all)")
-    ap.add_argument("--out", default=str(HERE / "out" / "class2d"),
-                    help="work directory (default benchmarks/out/class2d)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
+                    help="work directory (default benchmarks/out/class2d; elsewhere, the table goes there too)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
@@ -109,11 +111,11 @@ def main() -> None:
         row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, **quality(data_star, labels, args.K)}
         Path(f"{program}.json").write_text(json.dumps(row))
     rows = {p: json.loads(Path(f"{p}.json").read_text()) for p in PROGRAMS if Path(f"{p}.json").exists()}
-    write_table(rows, args)
+    write_table(rows, args, table_path("class2d.md", out, DEFAULT_OUT))
 
 
-def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
-    """The Markdown table in benchmarks/results/class2d.md."""
+def write_table(rows: dict[str, dict], args: argparse.Namespace, path: Path) -> None:
+    """The Markdown table (benchmarks/results/class2d.md for a run in the default work directory)."""
     lines = [f"# 2D classification: ours (VDAM, EM) vs RELION 3.1 EM ({args.n} particles, box {args.box}, "
              f"{args.angpix} Å/px, SNR {args.snr}, {100 * args.junk:.0f}% junk, K {args.K})", "",
              f"Same machine ({os.cpu_count()} cores), one program at a time. Purity: particles in their class's "
@@ -133,8 +135,7 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "only")) + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "class2d.md").write_text(text)
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _results import table_path
 from _timing import children_cpu
 
 from reconstruct.backend import gpu_available
@@ -191,8 +192,9 @@ def main() -> None:
                         "rewrites the table (default all)")
     p.add_argument("--gpu", action="store_true", default=gpu_available(), help="run ours on the GPU")
     p.add_argument("--out", default=str(HERE / "out/class3d"), help="work directory (default benchmarks/out/class3d)")
-    p.add_argument("--table", default=str(HERE / "results/class3d.md"),
-                   help="where the Markdown table goes (default benchmarks/results/class3d.md)")
+    p.add_argument("--table", default=None,
+                   help="where the Markdown table goes (default benchmarks/results/class3d.md for the default "
+                        "--out, else OUT/class3d.md)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.particle_diameter > args.box * args.angpix:
@@ -230,7 +232,7 @@ def main() -> None:
               f"open map as reference, same sampling): median angular error {med:.1f}°, "
               f"{100 * within:.0f}% within 15°."]
     table = "\n".join(lines) + "\n"
-    Path(args.table).write_text(table)
+    (Path(args.table) if args.table else table_path("class3d.md", out, HERE / "out/class3d")).write_text(table)
     print(table)
 
 

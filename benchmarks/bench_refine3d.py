@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import table_path
 from _timing import children_cpu
 
 from autoproc.demo import demo_model_path
@@ -189,7 +190,7 @@ def main() -> None:
                          "or none (table: rebuild the table from the kept results); the others' last numbers on "
                          "the same particles are reused (default both)")
     ap.add_argument("--out", help="work directory (default benchmarks/out/refine3d for cftr, "
-                    "benchmarks/out/refine3d_SET otherwise)")
+                    "benchmarks/out/refine3d_SET otherwise; elsewhere, the table goes there too)")
     args = ap.parse_args()
     for k, v in DATASETS[args.set][1].items():
         if getattr(args, k) is None:
@@ -210,7 +211,7 @@ def main() -> None:
     rows = [{**json.loads(Path(f).read_text()), **truth_scores(Path(OUTPUT_DIRS[p]) / "run_class001.mrc", truth,
                                                                args.angpix)}
             for p, f in PROGRAMS.items() if Path(f).exists() and (Path(OUTPUT_DIRS[p]) / "run_class001.mrc").exists()]
-    write_table(rows, args, HERE / "results" / f"refine3d{suffix}.md")
+    write_table(rows, args, table_path(f"refine3d{suffix}.md", out, HERE / "out" / f"refine3d{suffix}"))
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
