@@ -90,9 +90,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def _cmd_corpus(a: argparse.Namespace) -> None:
-    from training.corpus import build_corpus
+    from training.corpus import build_corpus, with_chimeras
 
-    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, tuple(a.proteins))
+    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras))
     print(f"{len(index)} jobs in {a.o} ({int(index.held_out.sum())} held out)")
 
 
@@ -231,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n_held_out", type=int, default=12, help="jobs of the held-out protein (TCR-HLA, 3KPR)")
     s.add_argument("--seed", type=int, default=0, help="seed of the job parameters")
     s.add_argument("--proteins", nargs="+", default=["cftr", "adk_open", "adk_closed", "hiv_protease"],
-                   help="training proteins; point-group assemblies that add shapes: adk_d2 adk_c3 hiv_c4")
+                   help="training proteins; point-group assemblies that add shapes: adk_d2 adk_c3 hiv_c4; "
+                        "chimera_<N>: 2-4 domains cut from the training models and packed into a new shape")
+    s.add_argument("--chimeras", type=int, default=0,
+                   help="add chimera_0 ... chimera_<N-1> to --proteins: new shapes, so the ranker learns classes "
+                        "of proteins it has not seen rather than the shapes of the few it has")
     s.set_defaults(func=_cmd_corpus)
 
     s = sub.add_parser(

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -312,3 +313,35 @@ def test_shipped_model_matches_its_card_and_separates_good_from_junk(tmp_path):
     damaged.write_bytes(bytes(raw))
     with pytest.raises(InputError, match="checksum"):
         load_model(damaged, expected_sha256=card["sha256"])
+
+
+def test_chimeras_are_new_reproducible_shapes_of_training_domains() -> None:
+    """A chimera is built the same way every time from its number; its pieces come only from training
+    models (never the held-out TCR-HLA), are globular domains of 60-250 residues, touch one another and
+    do not clash; two numbers give different shapes; the corpus accepts chimera names only as chimera_<N>."""
+    from scipy.spatial import cKDTree
+
+    from training.chimeras import SOURCES, chimera_map, chimera_radius, chimera_structure
+    from training.corpus import HELD_OUT, PROTEINS, build_corpus, with_chimeras
+
+    assert PROTEINS[HELD_OUT].model not in SOURCES
+    small = ("4ake_adk_open.pdb", "1ake_adk_closed.pdb", "1hvr.pdb")  # gzipped in tests/data
+    a, b = chimera_structure(3, DATA, small), chimera_structure(3, DATA, small)
+    xyz = [np.array([[at.pos.x, at.pos.y, at.pos.z] for res in ch for at in res]) for ch in a[0]]
+    assert 2 <= len(xyz) <= 4
+    assert all(60 <= len(ch) <= 250 for ch in a[0])
+    assert np.allclose(np.vstack(xyz), [[at.pos.x, at.pos.y, at.pos.z] for ch in b[0] for res in ch for at in res])
+    for i in range(1, len(xyz)):
+        earlier = cKDTree(np.vstack(xyz[:i]))
+        d, _ = earlier.query(xyz[i])
+        assert d.min() >= 3.0 - 1e-6  # no clash
+        assert d.min() < 4.5  # in contact (slid on in 1 Å steps until clear)
+    r = chimera_radius(3, DATA, small)
+    assert 25 < r < 120
+    px = 2.3 * r / 45
+    m3, m4 = chimera_map(3, 64, px, DATA, small), chimera_map(4, 64, px, DATA, small)
+    assert m3.shape == (64, 64, 64) and m3.max() > 0
+    assert np.corrcoef(m3.ravel(), m4.ravel())[0, 1] < 0.9
+    assert with_chimeras(["cftr"], 2) == ("cftr", "chimera_0", "chimera_1")
+    with pytest.raises(ValueError, match="chimera_<N>"):
+        build_corpus(Path("unused"), 1, 0, proteins=("chimera_x",))

@@ -28,6 +28,7 @@ from reconstruct.files import read_map, read_particles, read_star, write_star
 from reconstruct.progress import progress
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 
+from .chimeras import chimera_map, chimera_radius, chimera_seed, is_chimera
 from .targets import category_of, class_categories, simulated_job_score, view_match
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class CorpusJob:
 
 def draw_job(index: int, protein: str, rng: np.random.Generator) -> CorpusJob:
     """A random job for ``protein``: the particle fills ~55-70% of the box."""
-    radius = PROTEINS[protein].radius
+    radius = protein_radius(protein)
     box = int(rng.choice([48, 64]))
     diameter = 2.3 * radius
     pixel_size = round(diameter / (box * rng.uniform(0.62, 0.8)), 2)
@@ -100,11 +101,18 @@ def draw_job(index: int, protein: str, rng: np.random.Generator) -> CorpusJob:
                      job_score=simulated_job_score(snr, junk))
 
 
+def protein_radius(name: str) -> float:
+    """Radius (Å) of corpus protein ``name`` (a named one or ``chimera_<N>``) holding 99% of its density."""
+    return chimera_radius(chimera_seed(name), models_dir()) if is_chimera(name) else PROTEINS[name].radius
+
+
 def protein_map(name: str, box: int, pixel_size: float) -> np.ndarray:
-    """The density of corpus protein ``name`` on a box^3 grid at ``pixel_size``."""
+    """The density of corpus protein ``name`` (a named one or ``chimera_<N>``) on a box^3 grid."""
     from reconstruct.align_maps import transform_map
     from reconstruct.symmetry import group_order, symmetrise_map
 
+    if is_chimera(name):
+        return chimera_map(chimera_seed(name), box, pixel_size, models_dir())
     p = PROTEINS[name]
     vol = atomic_model_map(models_dir() / p.model, box, pixel_size)
     if p.symmetry.upper() == "C1":
@@ -188,10 +196,10 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
 
     Jobs already in ``out`` are kept (the corpus resumes after an interruption).
     """
-    unknown = sorted(set(proteins) - set(PROTEINS))
+    unknown = sorted(p for p in set(proteins) if p not in PROTEINS and not is_chimera(p))
     if unknown or HELD_OUT in proteins:
         allowed = sorted(set(PROTEINS) - {HELD_OUT})
-        raise ValueError(f"training proteins must be among {allowed}: got {unknown or HELD_OUT}")
+        raise ValueError(f"training proteins must be among {allowed} or chimera_<N>: got {unknown or HELD_OUT}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     train_proteins = list(proteins)
@@ -220,10 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n_held_out", type=int, default=12, help=f"jobs of the held-out protein {HELD_OUT} (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the job parameters (default 0)")
     ap.add_argument("--proteins", nargs="+", default=list(DEFAULT_TRAINING),
-                    help=f"training proteins (default {' '.join(DEFAULT_TRAINING)}; also: adk_d2 adk_c3 hiv_c4)")
+                    help=f"training proteins (default {' '.join(DEFAULT_TRAINING)}; also: adk_d2 adk_c3 hiv_c4, "
+                         "chimera_<N>)")
+    ap.add_argument("--chimeras", type=int, default=0,
+                    help="add chimera_0 ... chimera_<N-1> to the training proteins (default 0)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, tuple(a.proteins))
+    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras))
+
+
+def with_chimeras(proteins: list[str], n: int) -> tuple[str, ...]:
+    """``proteins`` and ``n`` chimeras (``--chimeras``): new shapes from the training models' domains."""
+    return (*proteins, *(f"chimera_{i}" for i in range(n)))
 
 
 if __name__ == "__main__":
