@@ -345,3 +345,13 @@ def test_chimeras_are_new_reproducible_shapes_of_training_domains() -> None:
     assert with_chimeras(["cftr"], 2) == ("cftr", "chimera_0", "chimera_1")
     with pytest.raises(ValueError, match="chimera_<N>"):
         build_corpus(Path("unused"), 1, 0, proteins=("chimera_x",))
+
+
+def test_model_card_names_chimeras_as_make_corpus_takes_them() -> None:
+    """chimera_0 ... chimera_<N-1> become ``--chimeras N`` (and one line in the card), other sets stay listed."""
+    from training.chimeras import split_chimeras
+
+    assert split_chimeras(["cftr", "chimera_1", "chimera_0"]) == (["cftr"], 2)
+    assert split_chimeras(["cftr", "chimera_2"]) == (["cftr", "chimera_2"], 0)
+    assert split_chimeras(["chimera_0"]) == (["chimera_0"], 0)
+    assert split_chimeras(["cftr", "adk_open"]) == (["cftr", "adk_open"], 0)

@@ -16,6 +16,8 @@ import pandas as pd
 
 from ranker.network import sha256
 
+from .chimeras import split_chimeras
+
 
 def _row(name: str, m: dict[str, Any]) -> str:
     return (f"| {name} | {m['jobs']} | {m['classes']} | {m['mse']:.4f} | {m['spearman']:.3f} | {m['auc_good']:.3f} "
@@ -54,8 +56,11 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
                         "box": sorted(int(b) for b in done.box.unique()),
                         "pixel_size": [float(done.pixel_size.min()), float(done.pixel_size.max())]}
         d = card["data"]
+        named, n_chimeras = split_chimeras(d["proteins"])
+        shown = named + ([f"{n_chimeras} chimeras (chimera_0 to chimera_{n_chimeras - 1}: domains of the "
+                          "training models packed into new shapes)"] if n_chimeras else [])
         data_lines = [f"- {d['jobs']} simulated Class2D jobs (our VDAM, 8-16 classes, 600-1300 particles each) of "
-                      f"{', '.join(d['proteins'])}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
+                      f"{', '.join(shown)}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
                       "defocus 0.5-3.5 µm."]
@@ -87,9 +92,10 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         idx = pd.read_csv(c / "corpus.csv") if (c / "corpus.csv").exists() else pd.DataFrame({"held_out": []})
         n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
         n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
-        prot = meta.get("proteins")
+        prot, n_chimeras = split_chimeras(meta.get("proteins") or [])
         make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
-                    f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else ""))
+                    f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
+                    + (f" --chimeras {n_chimeras}" if n_chimeras else ""))
     data = " ".join(Path(d).name for d in metrics["options"]["data"])
     md += ["", "## Reproduce", "", "```bash", *make,
            f"ranker train --data {data} --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "

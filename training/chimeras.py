@@ -147,3 +147,14 @@ def chimera_radius(seed: int, models: Path, sources: tuple[str, ...] = SOURCES) 
     xyz = np.array([[a.pos.x, a.pos.y, a.pos.z] for ch in st[0] for res in ch for a in res])
     r = np.linalg.norm(xyz - np.array([c.x, c.y, c.z]), axis=1)
     return float(np.quantile(r, 0.99)) + 2.0
+
+
+def split_chimeras(names: list[str]) -> tuple[list[str], int]:
+    """``names`` as (the other proteins, N) when its chimeras are exactly chimera_0 ... chimera_<N-1>, as
+    ``--chimeras N`` makes them, and some other protein remains for ``--proteins``; otherwise every name
+    stays in the list and N is 0."""
+    seeds = sorted(chimera_seed(n) for n in names if is_chimera(n))
+    others = [n for n in names if not is_chimera(n)]
+    if seeds != list(range(len(seeds))) or not others:
+        return list(names), 0
+    return others, len(seeds)
