@@ -20,21 +20,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backend import get_xp, to_numpy
+from .backend import to_numpy
 from .class_grids import ClassGrids
 from .class_model_star import write_class_model
 from .files.errors import InputError
-from .files.stack import ImageSource
 from .files.star import read_particles, read_star
 from .fsc import resolution_at
 from .oversampling import max_per_image
-from .particles import CtfSource
+from .particles import CtfSource, ParticleJob
 from .vdam import direction_power, shell_curve, shell_means
 
 log = logging.getLogger("reconstruct")
 
 
-class ClassifierBase:
+class ClassifierBase(ParticleJob):
     """Shared state handling of a classification job; subclasses set these attributes."""
 
     opt: Any
@@ -68,12 +67,7 @@ class ClassifierBase:
             raise ValueError("--K must be at least 1")
         self.opt = opt
         self.em = opt.algorithm == "em"
-        self.xp = get_xp(opt.gpu)
-        self.out = Path(opt.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.table = read_particles(opt.star)
-        self.src = ImageSource(self.table, opt.project_dir)
-        self.box, self.px = self.src.box, self.src.pixel_size
+        self.open_particles(opt)
         self.n, self.k = len(self.table), opt.n_classes
         radius_px = opt.particle_diameter / (2 * self.px)
         if radius_px > self.box / 2:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .backend import get_xp
 from .ctf import Optics, ctf_2d
 from .files.errors import InputError
-from .files.star import MetadataTable
+from .files.stack import ImageSource
+from .files.star import MetadataTable, read_particles
 from .geometry import euler_to_matrix
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -85,3 +88,24 @@ class CtfSource:
             out[xp.asarray(sel)] = ctf_2d(self.box, self.pixel_size, du, dv, ang, self.optics[int(g)],
                                           phase, bfac, scale, xp=xp)
         return out
+
+
+class ParticleJob:
+    """What every job that reads a particle STAR file sets up first (refinement, classification)."""
+
+    xp: Any
+    out: Path
+    table: MetadataTable
+    src: ImageSource
+    box: int
+    px: float
+
+    def open_particles(self, opt: Any) -> None:
+        """The array module (``opt.gpu``), the output directory ``opt.out`` (made), the particle table
+        ``opt.star`` and its images (paths relative to ``opt.project_dir``), their box and pixel size."""
+        self.xp = get_xp(opt.gpu)
+        self.out = Path(opt.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.table = read_particles(opt.star)
+        self.src = ImageSource(self.table, opt.project_dir)
+        self.box, self.px = self.src.box, self.src.pixel_size

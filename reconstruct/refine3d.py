@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backend import fft_module, get_xp, to_numpy
+from .backend import fft_module, to_numpy
 from .files.errors import InputError
 from .files.mrc import read_map, write_map
 from .files.stack import ImageSource
@@ -40,7 +40,7 @@ from .likelihood import (
 )
 from .masks import soft_sphere
 from .memory import backprojector_bytes, check_fits
-from .particles import CtfSource, origins_px
+from .particles import CtfSource, ParticleJob, origins_px
 from .progress import progress
 from .projector import BackProjector, Projector
 from .sampling import angular_step, local_rotations, orientations, translations
@@ -203,15 +203,10 @@ def reference_scale(src: ImageSource, ctf: CtfSource | None, ref: Any, sigma2: n
     return num / den
 
 
-class _Refiner:
+class _Refiner(ParticleJob):
     def __init__(self, opt: Refine3DOptions) -> None:
         self.opt = opt
-        self.xp = get_xp(opt.gpu)
-        self.out = Path(opt.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.table = read_particles(opt.star)
-        self.src = ImageSource(self.table, opt.project_dir)
-        self.box, self.px = self.src.box, self.src.pixel_size
+        self.open_particles(opt)
         n_bps = 4 if opt.ssri is not None and opt.ssri.search and opt.ssri.holdout > 0 else 2
         check_fits(n_bps * backprojector_bytes(self.box, opt.pad), self.xp,
                    f"refinement at box {self.box}", "downsample the particles or use --pad 1")
