@@ -263,8 +263,8 @@ class _Classifier(ClassifierBase):
             raise InputError(opt.ref, "the reference does not correlate with the particles",
                              "check that the particles' contrast is inverted (protein white) as RELION expects")
         log.info("reference grey-scale matched to the data: scale %.4g", scale)
-        unfiltered = xp.asarray(np.repeat((raw * scale)[None], self.k, axis=0)) * self.mask3d
-        self.unfiltered_power = power_tau2(self.grids, self.grids.transform(unfiltered, gridding_correction=False), 1.0)
+        unfiltered = self.grids.transform(xp.asarray(raw * scale)[None] * self.mask3d, gridding_correction=False)
+        self.unfiltered_power = xp.repeat(power_tau2(self.grids, unfiltered, 1.0), self.k, axis=0)
         refs = xp.asarray(np.repeat((ref * scale)[None], self.k, axis=0).astype(np.float32))
         return refs * self.mask3d, shell
 

@@ -49,7 +49,8 @@ class ClassGrids:
         return xp.zeros((self.k, *self.shape), dtype=dtype or xp.complex64)
 
     def transform(self, refs: Any, gridding_correction: bool) -> Any:
-        """The (K, *shape) padded transforms of references (K, N, ..., N), centred at N//2.
+        """The (M, *shape) padded transforms of M references (M, N, ..., N; usually the K classes),
+        centred at N//2.
 
         With ``gridding_correction`` the references are first divided by the interpolation kernel's
         apodisation (what projection needs); without it the grid is the plain transform (what a
@@ -60,13 +61,13 @@ class ClassGrids:
         data = xp.asarray(refs, dtype=xp.float32)
         if gridding_correction:
             data = data / gridding_kernel(n, p, d, xp)
-        big = xp.zeros((self.k,) + (p,) * d, dtype=xp.float32)
+        big = xp.zeros((data.shape[0],) + (p,) * d, dtype=xp.float32)
         lo = p // 2 - n // 2
         big[(slice(None),) + (slice(lo, lo + n),) * d] = data
         ft = fft_module(xp).rfftn(fft_module(xp).ifftshift(big, axes=tuple(range(1, d + 1))),
                                   axes=tuple(range(1, d + 1)))
         ft = fft_module(xp).fftshift(ft, axes=tuple(range(1, d)))
-        grid = self.zeros()
+        grid = xp.zeros((data.shape[0], *self.shape), dtype=xp.complex64)
         grid[(slice(None),) + self.core] = ft.astype(xp.complex64)
         return grid
 

@@ -38,15 +38,9 @@ class ClassifierBase(ParticleJob):
 
     opt: Any
     em: bool
-    xp: Any
     grids: Any
-    out: Path
-    table: Any
-    src: Any
     ctf: Any
     floor: float
-    box: int
-    px: float
     n: int
     k: int
     schedule: Any
