@@ -92,7 +92,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 def _cmd_corpus(a: argparse.Namespace) -> None:
     from training.corpus import build_corpus, with_chimeras
 
-    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras))
+    index = build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras),
+                         a.workers)
     print(f"{len(index)} jobs in {a.o} ({int(index.held_out.sum())} held out)")
 
 
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chimeras", type=int, default=0,
                    help="add chimera_0 ... chimera_<N-1> to --proteins: new shapes, so the ranker learns classes "
                         "of proteins it has not seen rather than the shapes of the few it has")
+    s.add_argument("--workers", type=int, default=1,
+                   help="jobs made at once, each in its own single-threaded process (one core each); the jobs are "
+                        "the same whatever the number")
     s.set_defaults(func=_cmd_corpus)
 
     s = sub.add_parser(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -355,3 +356,36 @@ def test_model_card_names_chimeras_as_make_corpus_takes_them() -> None:
     assert split_chimeras(["cftr", "chimera_2"]) == (["cftr", "chimera_2"], 0)
     assert split_chimeras(["chimera_0"]) == (["chimera_0"], 0)
     assert split_chimeras(["cftr", "adk_open"]) == (["cftr", "adk_open"], 0)
+
+
+def _fake_job(job, out: Path, work: Path) -> Path:
+    """Stand-in for make_job (seconds instead of minutes): records the job and the work folder it got."""
+    from dataclasses import asdict
+
+    work.mkdir(parents=True, exist_ok=True)
+    dest = out / job.name
+    dest.mkdir()
+    (dest / "job.json").write_text(json.dumps({**asdict(job), "pid": os.getpid(), "work": str(work)}))
+    return dest
+
+
+def test_corpus_workers_make_the_same_jobs_in_parallel(tmp_path, monkeypatch) -> None:
+    """``--workers 2`` makes exactly the jobs one worker makes (parameters drawn up front), in two processes,
+    each job in its own work folder, which is cleaned up afterwards; jobs already made are not made again."""
+    import training.corpus as corpus
+
+    monkeypatch.setattr(corpus, "make_job", _fake_job)
+    monkeypatch.setattr(corpus, "recategorise", lambda job_dir: None)
+    one = corpus.build_corpus(tmp_path / "one", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"))
+    two = corpus.build_corpus(tmp_path / "two", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"), workers=2)
+    pd.testing.assert_frame_equal(one, two)
+    made = [json.loads((tmp_path / "two" / n / "job.json").read_text()) for n in two.name]
+    assert len({m["work"] for m in made}) == 6
+    assert all(Path(m["work"]).name == m["name"] for m in made)
+    assert all(m["pid"] != os.getpid() for m in made)
+    assert not (tmp_path / "two" / ".work").exists()
+    corpus.build_corpus(tmp_path / "two", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"), workers=2)
+    assert [json.loads((tmp_path / "two" / n / "job.json").read_text())["pid"] for n in two.name] == \
+        [m["pid"] for m in made]
+    with pytest.raises(ValueError, match="workers"):
+        corpus.build_corpus(tmp_path / "three", 1, 0, workers=0)

@@ -191,15 +191,19 @@ def recategorise(job_dir: Path) -> pd.DataFrame:
 
 
 def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
-                 proteins: tuple[str, ...] = DEFAULT_TRAINING) -> pd.DataFrame:
+                 proteins: tuple[str, ...] = DEFAULT_TRAINING, workers: int = 1) -> pd.DataFrame:
     """Make ``n_jobs`` training jobs over ``proteins`` and ``n_held_out`` of the held-out one.
 
-    Jobs already in ``out`` are kept (the corpus resumes after an interruption).
+    Jobs already in ``out`` are kept (the corpus resumes after an interruption). ``workers`` > 1 makes
+    that many jobs at once, each in its own single-threaded process; the jobs are the same either way,
+    since every job's parameters are drawn before any is made.
     """
     unknown = sorted(p for p in set(proteins) if p not in PROTEINS and not is_chimera(p))
     if unknown or HELD_OUT in proteins:
         allowed = sorted(set(PROTEINS) - {HELD_OUT})
         raise ValueError(f"training proteins must be among {allowed} or chimera_<N>: got {unknown or HELD_OUT}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1: got {workers}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     train_proteins = list(proteins)
@@ -207,17 +211,46 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     held = [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
     order = sorted(plan + held, key=lambda j: (j.seed if j.protein != HELD_OUT else
                                                 (j.seed - n_jobs + 0.5) * n_jobs / max(n_held_out, 1)))
-    for job in progress(order, len(order), desc="corpus jobs", unit="job"):
-        if not (out / job.name / "job.json").exists():
-            make_job(job, out, out / ".work")
-        else:
+    for job in order:
+        if (out / job.name / "job.json").exists():
             recategorise(out / job.name)
+    todo = [j for j in order if not (out / j.name / "job.json").exists()]
+    log.info("corpus %s: %d of %d jobs to make, %d worker(s)", out, len(todo), len(order), workers)
+    if workers == 1:
+        for job in progress(todo, len(todo), desc="corpus jobs", unit="job"):
+            make_job(job, out, out / ".work")
+    else:
+        _make_in_parallel(todo, out, workers)
     index = pd.DataFrame([asdict(j) for j in plan + held])
     index["held_out"] = index.protein == HELD_OUT
     index.to_csv(out / "corpus.csv", index=False)
     (out / "corpus.json").write_text(json.dumps({"n_jobs": n_jobs, "n_held_out": n_held_out, "seed": seed,
                                                  "proteins": list(proteins)}))
     return index
+
+
+def _single_threaded() -> None:
+    """Process-pool initialiser: one BLAS/OpenMP thread per worker, so N workers use N cores."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _make_in_parallel(todo: list[CorpusJob], out: Path, workers: int) -> None:
+    """Make ``todo`` with ``workers`` processes, each job in its own work folder; a failed job stops the run
+    after the running ones finish (those made are kept, so the next run resumes)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
+        futures = [pool.submit(make_job, job, out, out / ".work" / job.name) for job in todo]
+        try:
+            for fut in progress(as_completed(futures), len(futures), desc="corpus jobs", unit="job"):
+                fut.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    shutil.rmtree(out / ".work", ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,9 +265,11 @@ def main(argv: list[str] | None = None) -> None:
                          "chimera_<N>)")
     ap.add_argument("--chimeras", type=int, default=0,
                     help="add chimera_0 ... chimera_<N-1> to the training proteins (default 0)")
+    ap.add_argument("--workers", type=int, default=1, help="jobs made at once, one core each (default 1)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras))
+    build_corpus(Path(a.o), a.n_jobs, a.n_held_out, a.seed, with_chimeras(a.proteins, a.chimeras),
+                 a.workers)
 
 
 def with_chimeras(proteins: list[str], n: int) -> tuple[str, ...]:
