@@ -9,6 +9,7 @@ number of non-empty classes.
     python benchmarks/bench_class2d.py                      # 10,000 particles, box 64, 3 Å/px, K 50
     python benchmarks/bench_class2d.py --n 2000 --K 20      # a quicker check
     python benchmarks/bench_class2d.py --only vdam          # re-run one program on the same particles
+    python benchmarks/bench_class2d.py --only relion        # again after an interruption: RELION goes on
 
 Outputs go to benchmarks/out/class2d/ (ignored by git); the table to benchmarks/results/class2d.md.
 """
@@ -70,19 +71,56 @@ def run_ours(args: argparse.Namespace, algorithm: str) -> tuple[float, float, Pa
     return time.perf_counter() - t, time.process_time() - c, res.data_star
 
 
-def run_relion(args: argparse.Namespace) -> tuple[float, float, Path]:
-    shutil.rmtree("Relion", ignore_errors=True)
-    Path("Relion").mkdir()
-    cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--o", "Relion/run", "--K", str(args.K),
-           "--iter", "25", "--tau2_fudge", "2", "--particle_diameter", str(args.diameter), "--ctf", "--zero_mask",
-           "--flatten_solvent", "--center_classes", "--psi_step", "12", "--offset_range", "5", "--offset_step", "2",
-           "--oversampling", "1", "--norm", "--scale", "--j", str(os.cpu_count() or 1), "--pool", "30",
-           "--dont_combine_weights_via_disc"]
-    logging.info("running %s", " ".join(cmd))
-    t, c = time.perf_counter(), children_cpu()
-    with open("Relion/run.out", "w") as so, open("Relion/run.err", "w") as se:
-        subprocess.run(cmd, stdout=so, stderr=se, check=True)
-    return time.perf_counter() - t, children_cpu() - c, Path("Relion/run_it025_data.star")
+RELION_ITER = 25
+
+
+def _relion_done(rel: Path) -> int:
+    """The last iteration RELION finished in ``rel`` (its optimiser.star is written last), 0 if none."""
+    its = [int(f.name[6:9]) for f in rel.glob("run_it[0-9][0-9][0-9]_optimiser.star")]
+    return max(its, default=0)
+
+
+def run_relion(args: argparse.Namespace) -> tuple[float, float | None, Path]:
+    """RELION's 25 EM iterations. A run that was stopped (RELION at K 50 and 10,000 particles takes hours on
+    2 cores, longer than a work session) goes on from its last finished iteration with ``--continue``; the
+    wall time is then the sum over the segments, each up to the last iteration it finished (the unfinished
+    iteration an interruption loses is not counted), and the CPU time is known only if no segment was cut."""
+    rel = Path("Relion")
+    done = _relion_done(rel) if (rel / "segments.json").exists() else 0
+    if done == 0:
+        shutil.rmtree(rel, ignore_errors=True)
+        rel.mkdir()
+        segments = []
+    else:
+        segments = json.loads((rel / "segments.json").read_text())
+        last = (rel / f"run_it{done:03d}_optimiser.star").stat().st_mtime
+        for seg in segments:
+            if "wall_s" not in seg:  # cut short: count it up to its last finished iteration
+                seg.update(wall_s=max(0.0, last - seg["start"]), cpu_s=None, to_iter=done)
+    common = ["--o", "Relion/run", "--iter", str(RELION_ITER), "--j", str(os.cpu_count() or 1), "--pool", "30",
+              "--dont_combine_weights_via_disc"]
+    if done:
+        cmd = ["relion_refine", "--continue", f"Relion/run_it{done:03d}_optimiser.star", *common]
+    else:
+        cmd = ["relion_refine", "--i", "Extract/job001/particles.star", "--K", str(args.K), "--tau2_fudge", "2",
+               "--particle_diameter", str(args.diameter), "--ctf", "--zero_mask", "--flatten_solvent",
+               "--center_classes", "--psi_step", "12", "--offset_range", "5", "--offset_step", "2",
+               "--oversampling", "1", "--norm", "--scale", *common]
+    if done < RELION_ITER:
+        logging.info("running %s", " ".join(cmd))
+        segments.append({"start": time.time(), "from_iter": done})
+        (rel / "segments.json").write_text(json.dumps(segments))
+        t, c = time.perf_counter(), children_cpu()
+        with open(rel / "run.out", "a") as so, open(rel / "run.err", "a") as se:
+            subprocess.run(cmd, stdout=so, stderr=se, check=True)
+        segments[-1].update(wall_s=time.perf_counter() - t, cpu_s=children_cpu() - c, to_iter=RELION_ITER)
+        (rel / "segments.json").write_text(json.dumps(segments))
+    cpu = [seg["cpu_s"] for seg in segments]
+    if len(segments) > 1:
+        logging.info("RELION ran in %d segments (iterations %s)", len(segments),
+                     ", ".join(f"{g['from_iter']}-{g['to_iter']}" for g in segments))
+    return (sum(seg["wall_s"] for seg in segments), None if None in cpu else sum(cpu),
+            rel / f"run_it{RELION_ITER:03d}_data.star")
 
 
 def main() -> None:
@@ -109,6 +147,8 @@ def main() -> None:
     for program in (PROGRAMS if args.only == "all" else (args.only,)):
         wall, cpu, data_star = run_relion(args) if program == "relion" else run_ours(args, program)
         row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, **quality(data_star, labels, args.K)}
+        if program == "relion":
+            row["segments"] = len(json.loads(Path("Relion/segments.json").read_text()))
         Path(f"{program}.json").write_text(json.dumps(row))
     rows = {p: json.loads(Path(f"{p}.json").read_text()) for p in PROGRAMS if Path(f"{p}.json").exists()}
     write_table(rows, args, table_path("class2d.md", out, DEFAULT_OUT))
@@ -123,8 +163,14 @@ def write_table(rows: dict[str, dict], args: argparse.Namespace, path: Path) -> 
              "", "| program | wall time (s) | CPU time (s) | purity | junk separation | non-empty classes |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows.values():
-        lines.append(f"| {r['program']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['purity']:.3f} "
+        cpu = "n/a" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}"
+        lines.append(f"| {r['program']} | {r['wall_s']:.0f} | {cpu} | {r['purity']:.3f} "
                      f"| {r['junk_separation']:.3f} | {r['non_empty']} |")
+    cut = [r for r in rows.values() if r.get("segments", 1) > 1]
+    if cut:
+        lines += ["", f"{cut[0]['program']} was interrupted and went on with `--continue` ({cut[0]['segments']} "
+                  "segments): its wall time is the sum over them, each up to its last finished iteration; its CPU "
+                  "time is not known."]
     if "vdam" in rows:
         v = rows["vdam"]
         ratios = [f"{rows[k]['wall_s'] / v['wall_s']:.1f}x faster than {rows[k]['program']}" for k in ("em", "relion")
