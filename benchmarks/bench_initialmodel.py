@@ -13,7 +13,9 @@ hours per set, so ``--seeds`` and ``--iter`` scale it down and the table says wh
     python benchmarks/bench_initialmodel.py --sets cftr sym hetero --seeds 10 --iter 200   # the full protocol
     python benchmarks/bench_initialmodel.py --sets cftr --seeds 3 --iter 100               # a 2-core check
 
-Outputs go to benchmarks/out/initialmodel/ (ignored by git); the table to benchmarks/results/initialmodel.md.
+Outputs go to benchmarks/out/initialmodel/ (ignored by git; --out elsewhere); the table to
+benchmarks/results/initialmodel.md. Stopped runs resume: seeds already scored are kept, and a cut seed goes on
+from its last written mini-batch.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from _results import table_path
 
 from reconstruct.align_maps import align_maps
 from reconstruct.backend import gpu_available
@@ -35,6 +39,7 @@ from reconstruct.simulate import ParticleSimulation, simulate_particles
 from training.corpus import protein_map
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "out" / "initialmodel"
 SETS = {  # maps (first = the one the model should match), fractions, symmetry, particle diameter (Å)
     "cftr": (("cftr",), None, "C1", 160.0),
     "sym": (("hiv_c4",), None, "C4", 130.0),
@@ -60,27 +65,52 @@ def _simulate(name: str, out: Path, args: argparse.Namespace) -> np.ndarray:
 
 
 def run_set(name: str, args: argparse.Namespace) -> list[dict]:
-    """Every seed of one set: wall time, FSC 0.5 resolution against the truth after alignment, success."""
-    out = HERE / "out/initialmodel" / name
+    """Every seed of one set: wall time, FSC 0.5 resolution against the truth after alignment, success.
+
+    Resumes: seeds already scored with the same mini-batches are kept, and a seed's run that was stopped goes
+    on from its last written mini-batch (``--continue``); its wall time is then the sum of its segments, each
+    up to its last finished write-out (time lost to the interruption is not counted)."""
+    out = Path(args.out).resolve() / name
     truth = _simulate(name, out, args)
     _, _, sym, diameter = SETS[name]
-    rows = []
+    runs = out / "runs.json"
+    rows = [r for r in (json.loads(runs.read_text()) if runs.exists() else [])
+            if r.get("iter") == args.iter and r["seed"] < args.seeds]
     for seed in range(args.seeds):
+        if any(r["seed"] == seed for r in rows):
+            continue
         job = out / f"InitialModel/seed{seed}"
-        t = time.perf_counter()
+        spent = _spent_before(job, args.iter)
+        start = time.time()
+        job.parent.mkdir(parents=True, exist_ok=True)
+        (job.parent / f"seed{seed}.start").write_text(json.dumps({"start": start, "spent_s": spent, "iter": args.iter}))
         res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=job, particle_diameter=diameter,
-                                     n_iter=args.iter, align_sym=sym, seed=seed, gpu=args.gpu, project_dir=out))
-        wall = time.perf_counter() - t
+                                     n_iter=args.iter, align_sym=sym, seed=seed, gpu=args.gpu, project_dir=out,
+                                     resume=spent > 0))
+        wall = spent + time.time() - start
         model, _ = read_map(res.initial_model)
         al = align_maps(model, truth, args.angpix)
         resol = resolution_at(al.fsc, args.box, args.angpix, 0.5).angstrom
-        rows.append({"set": name, "seed": seed, "wall_s": wall, "fsc05_A": resol, "cc": al.correlation,
-                     "mirrored": al.mirrored, "largest_class": float(res.class_distribution.max()),
+        rows.append({"set": name, "seed": seed, "iter": args.iter, "wall_s": wall, "fsc05_A": resol,
+                     "cc": al.correlation, "mirrored": al.mirrored,
+                     "largest_class": float(res.class_distribution.max()), "resumed": spent > 0,
                      "success": resol <= 3 * args.angpix + 1e-6})
         logging.info("%s seed %d: %.0f s, FSC 0.5 at %.1f Å (CC %.3f) -> %s", name, seed, wall, resol, al.correlation,
                      "success" if rows[-1]["success"] else "failure")
-        (out / "runs.json").write_text(json.dumps(rows, indent=1))
-    return rows
+        runs.write_text(json.dumps(sorted(rows, key=lambda r: r["seed"]), indent=1))
+    return sorted(rows, key=lambda r: r["seed"])
+
+
+def _spent_before(job: Path, n_iter: int) -> float:
+    """Seconds a stopped run of ``job`` had spent up to its last written model (0 when there is none to
+    go on from): the time from its segment's start to that file, added to earlier segments' time."""
+    stamp = job.parent / f"{job.name}.start"
+    models = sorted(job.glob("run_it[0-9][0-9][0-9]_model.star")) if stamp.exists() else []
+    if not models or json.loads(stamp.read_text()).get("iter") != n_iter:
+        shutil.rmtree(job, ignore_errors=True)
+        return 0.0
+    seg = json.loads(stamp.read_text())
+    return seg["spent_s"] + max(0.0, models[-1].stat().st_mtime - seg["start"])
 
 
 def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
@@ -102,7 +132,7 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
         cc = ", ".join(f"{r['cc']:.2f}" for r in rows)
         lines.append(f"| {name} | {ok}/{len(rows)} | {resol} | {cc} | "
                      f"{np.median([r['wall_s'] for r in rows]):.0f} s |")
-    path = HERE / "results/initialmodel.md"
+    path = table_path("initialmodel.md", Path(args.out), DEFAULT_OUT)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -117,6 +147,8 @@ def main() -> None:
     p.add_argument("--angpix", type=float, default=4.0)
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--gpu", action="store_true", default=gpu_available())
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="work directory (default benchmarks/out/initialmodel; elsewhere, the table goes there too)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     rows = []
