@@ -74,29 +74,34 @@ def run_ours(args: argparse.Namespace, algorithm: str) -> tuple[float, float, Pa
 RELION_ITER = 25
 
 
-def _relion_done(rel: Path) -> int:
-    """The last iteration RELION finished in ``rel`` (its optimiser.star is written last), 0 if none."""
-    its = [int(f.name[6:9]) for f in rel.glob("run_it[0-9][0-9][0-9]_optimiser.star")]
-    return max(its, default=0)
+def _relion_done(rel: Path) -> tuple[int, float]:
+    """The last iteration RELION finished writing in ``rel`` and when (0 if none): RELION writes an
+    iteration's optimiser, model and data files, then its sampling.star last."""
+    its = [int(f.name[6:9]) for f in rel.glob("run_it[0-9][0-9][0-9]_sampling.star")
+           if all((rel / f.name.replace("sampling", part)).exists() for part in ("optimiser", "model", "data"))]
+    if not its:
+        return 0, 0.0
+    return max(its), (rel / f"run_it{max(its):03d}_sampling.star").stat().st_mtime
 
 
 def run_relion(args: argparse.Namespace) -> tuple[float, float | None, Path]:
     """RELION's 25 EM iterations. A run that was stopped (RELION at K 50 and 10,000 particles takes hours on
     2 cores, longer than a work session) goes on from its last finished iteration with ``--continue``; the
     wall time is then the sum over the segments, each up to the last iteration it finished (the unfinished
-    iteration an interruption loses is not counted), and the CPU time is known only if no segment was cut."""
+    iteration an interruption loses is not counted), and the CPU time is known only if no segment was cut.
+    A finished run with the same K and mask is reused (delete Relion/ to time it again)."""
     rel = Path("Relion")
-    done = _relion_done(rel) if (rel / "segments.json").exists() else 0
+    config = {"K": args.K, "diameter": args.diameter, "iter": RELION_ITER}
+    record = json.loads((rel / "segments.json").read_text()) if (rel / "segments.json").exists() else {}
+    done, last = _relion_done(rel) if record.get("config") == config else (0, 0.0)
     if done == 0:
         shutil.rmtree(rel, ignore_errors=True)
         rel.mkdir()
-        segments = []
-    else:
-        segments = json.loads((rel / "segments.json").read_text())
-        last = (rel / f"run_it{done:03d}_optimiser.star").stat().st_mtime
-        for seg in segments:
-            if "wall_s" not in seg:  # cut short: count it up to its last finished iteration
-                seg.update(wall_s=max(0.0, last - seg["start"]), cpu_s=None, to_iter=done)
+        record = {"config": config, "segments": []}
+    segments = record["segments"]
+    for seg in segments:
+        if "wall_s" not in seg:  # cut short: count it up to its last finished iteration
+            seg.update(wall_s=max(0.0, last - seg["start"]), cpu_s=None, to_iter=done)
     common = ["--o", "Relion/run", "--iter", str(RELION_ITER), "--j", str(os.cpu_count() or 1), "--pool", "30",
               "--dont_combine_weights_via_disc"]
     if done:
@@ -109,12 +114,14 @@ def run_relion(args: argparse.Namespace) -> tuple[float, float | None, Path]:
     if done < RELION_ITER:
         logging.info("running %s", " ".join(cmd))
         segments.append({"start": time.time(), "from_iter": done})
-        (rel / "segments.json").write_text(json.dumps(segments))
+        (rel / "segments.json").write_text(json.dumps(record))
         t, c = time.perf_counter(), children_cpu()
         with open(rel / "run.out", "a") as so, open(rel / "run.err", "a") as se:
             subprocess.run(cmd, stdout=so, stderr=se, check=True)
         segments[-1].update(wall_s=time.perf_counter() - t, cpu_s=children_cpu() - c, to_iter=RELION_ITER)
-        (rel / "segments.json").write_text(json.dumps(segments))
+        (rel / "segments.json").write_text(json.dumps(record))
+    else:
+        logging.info("RELION already finished in %s: its times are reused (delete it to time it again)", rel.resolve())
     cpu = [seg["cpu_s"] for seg in segments]
     if len(segments) > 1:
         logging.info("RELION ran in %d segments (iterations %s)", len(segments),
@@ -148,7 +155,7 @@ def main() -> None:
         wall, cpu, data_star = run_relion(args) if program == "relion" else run_ours(args, program)
         row = {"program": PROGRAMS[program], "wall_s": wall, "cpu_s": cpu, **quality(data_star, labels, args.K)}
         if program == "relion":
-            row["segments"] = len(json.loads(Path("Relion/segments.json").read_text()))
+            row["segments"] = len(json.loads(Path("Relion/segments.json").read_text())["segments"])
         Path(f"{program}.json").write_text(json.dumps(row))
     rows = {p: json.loads(Path(f"{p}.json").read_text()) for p in PROGRAMS if Path(f"{p}.json").exists()}
     write_table(rows, args, table_path("class2d.md", out, DEFAULT_OUT))

@@ -54,7 +54,8 @@ def _simulate(name: str, out: Path, args: argparse.Namespace) -> np.ndarray:
     truth = out / "truth_model.mrc"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return read_map(truth)[0]
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # runs on other particles must be neither kept nor continued
+    out.mkdir(parents=True)
     maps = [protein_map(p, args.box, args.angpix) for p in proteins]
     simulate_particles(maps, ParticleSimulation(n_particles=args.n, box=args.box, pixel_size=args.angpix,
                                                 snr=args.snr, fractions=fractions, max_offset=2 * args.angpix,
@@ -75,25 +76,26 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     _, _, sym, diameter = SETS[name]
     runs = out / "runs.json"
     rows = [r for r in (json.loads(runs.read_text()) if runs.exists() else [])
-            if r.get("iter") == args.iter and r["seed"] < args.seeds]
+            if r.get("iter") == args.iter and r.get("gpu") == args.gpu and r["seed"] < args.seeds]
     for seed in range(args.seeds):
         if any(r["seed"] == seed for r in rows):
             continue
         job = out / f"InitialModel/seed{seed}"
-        spent = _spent_before(job, args.iter)
+        resume, spent = _spent_before(job, args.iter, args.gpu)
         start = time.time()
         job.parent.mkdir(parents=True, exist_ok=True)
-        (job.parent / f"seed{seed}.start").write_text(json.dumps({"start": start, "spent_s": spent, "iter": args.iter}))
+        (job.parent / f"seed{seed}.start").write_text(json.dumps({"start": start, "spent_s": spent, "iter": args.iter,
+                                                                      "gpu": args.gpu}))
         res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=job, particle_diameter=diameter,
                                      n_iter=args.iter, align_sym=sym, seed=seed, gpu=args.gpu, project_dir=out,
-                                     resume=spent > 0))
+                                     resume=resume))
         wall = spent + time.time() - start
         model, _ = read_map(res.initial_model)
         al = align_maps(model, truth, args.angpix)
         resol = resolution_at(al.fsc, args.box, args.angpix, 0.5).angstrom
-        rows.append({"set": name, "seed": seed, "iter": args.iter, "wall_s": wall, "fsc05_A": resol,
+        rows.append({"set": name, "seed": seed, "iter": args.iter, "gpu": args.gpu, "wall_s": wall, "fsc05_A": resol,
                      "cc": al.correlation, "mirrored": al.mirrored,
-                     "largest_class": float(res.class_distribution.max()), "resumed": spent > 0,
+                     "largest_class": float(res.class_distribution.max()), "resumed": resume,
                      "success": resol <= 3 * args.angpix + 1e-6})
         logging.info("%s seed %d: %.0f s, FSC 0.5 at %.1f Å (CC %.3f) -> %s", name, seed, wall, resol, al.correlation,
                      "success" if rows[-1]["success"] else "failure")
@@ -101,16 +103,17 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     return sorted(rows, key=lambda r: r["seed"])
 
 
-def _spent_before(job: Path, n_iter: int) -> float:
-    """Seconds a stopped run of ``job`` had spent up to its last written model (0 when there is none to
-    go on from): the time from its segment's start to that file, added to earlier segments' time."""
+def _spent_before(job: Path, n_iter: int, gpu: bool) -> tuple[bool, float]:
+    """Whether a stopped run of ``job`` can go on (same mini-batches and device, an iteration written), and
+    the seconds it had spent up to its last written iteration: from its segment's start to that iteration's
+    optimiser.star (the file class3d writes last and resumes from), plus earlier segments' time."""
     stamp = job.parent / f"{job.name}.start"
-    models = sorted(job.glob("run_it[0-9][0-9][0-9]_model.star")) if stamp.exists() else []
-    if not models or json.loads(stamp.read_text()).get("iter") != n_iter:
+    seg = json.loads(stamp.read_text()) if stamp.exists() else {}
+    written = sorted(job.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
+    if not written or seg.get("iter") != n_iter or seg.get("gpu") != gpu:
         shutil.rmtree(job, ignore_errors=True)
-        return 0.0
-    seg = json.loads(stamp.read_text())
-    return seg["spent_s"] + max(0.0, models[-1].stat().st_mtime - seg["start"])
+        return False, 0.0
+    return True, seg["spent_s"] + max(0.0, written[-1].stat().st_mtime - seg["start"])
 
 
 def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
@@ -132,6 +135,10 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
         cc = ", ".join(f"{r['cc']:.2f}" for r in rows)
         lines.append(f"| {name} | {ok}/{len(rows)} | {resol} | {cc} | "
                      f"{np.median([r['wall_s'] for r in rows]):.0f} s |")
+    resumed = sum(r.get("resumed", False) for r in all_rows if r["set"] in args.sets)
+    if resumed:
+        lines += ["", f"{resumed} run(s) were stopped and went on from their last written mini-batch: their wall time "
+                  "is the sum of their segments, each up to its last write-out."]
     path = table_path("initialmodel.md", Path(args.out), DEFAULT_OUT)
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add chimera_0 ... chimera_<N-1> to --proteins: new shapes, so the ranker learns classes "
                         "of proteins it has not seen rather than the shapes of the few it has")
     s.add_argument("--workers", type=int, default=1,
-                   help="jobs made at once, each in its own single-threaded process (one core each); the jobs are "
-                        "the same whatever the number")
+                   help="jobs made at once, each in its own single-threaded process (one core each); the jobs' "
+                        "parameters are the same whatever the number")
     s.set_defaults(func=_cmd_corpus)
 
     s = sub.add_parser(

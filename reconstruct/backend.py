@@ -84,15 +84,13 @@ def as_float(a: Any, xp: ModuleType, dtype: Any = None) -> Any:
 
 
 class _ThreadedScipyFFT:
-    """``scipy.fft`` with all cores and native float32 transforms, under NumPy's names."""
+    """``scipy.fft`` with ``workers`` threads and native float32 transforms, under NumPy's names."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int) -> None:
         import functools
-        import os
 
         import scipy.fft as sfft
 
-        workers = os.cpu_count() or 1
         for name in ("rfftn", "irfftn", "fftn", "ifftn", "rfft2", "irfft2", "fft2", "ifft2"):
             setattr(self, name, functools.partial(getattr(sfft, name), workers=workers))
         self.fftshift = sfft.fftshift
@@ -102,6 +100,25 @@ class _ThreadedScipyFFT:
 
 
 _SCIPY_FFT: _ThreadedScipyFFT | None = None
+_FFT_THREADS: int | None = None  # None: every core this process may run on
+
+
+def set_fft_threads(n: int | None) -> None:
+    """Threads of NumPy-side FFTs (None: all cores this process may use); processes that each do their own
+    share of the work (corpus workers) set 1, so N of them keep to N cores."""
+    global _SCIPY_FFT, _FFT_THREADS
+    if n is not None and n < 1:
+        raise ValueError(f"FFT threads must be at least 1: got {n}")
+    _FFT_THREADS, _SCIPY_FFT = n, None
+
+
+def _usable_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def fft_module(xp: ModuleType) -> Any:
@@ -109,6 +126,6 @@ def fft_module(xp: ModuleType) -> Any:
     global _SCIPY_FFT
     if xp is np:
         if _SCIPY_FFT is None:
-            _SCIPY_FFT = _ThreadedScipyFFT()
+            _SCIPY_FFT = _ThreadedScipyFFT(_FFT_THREADS or _usable_cores())
         return _SCIPY_FFT
     return xp.fft

@@ -380,6 +380,9 @@ def test_corpus_workers_make_the_same_jobs_in_parallel(tmp_path, monkeypatch) ->
     two = corpus.build_corpus(tmp_path / "two", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"), workers=2)
     pd.testing.assert_frame_equal(one, two)
     made = [json.loads((tmp_path / "two" / n / "job.json").read_text()) for n in two.name]
+    alone = [json.loads((tmp_path / "one" / n / "job.json").read_text()) for n in one.name]
+    assert [{k: v for k, v in m.items() if k not in ("pid", "work")} for m in made] == \
+        [{k: v for k, v in m.items() if k not in ("pid", "work")} for m in alone]
     assert len({m["work"] for m in made}) == 6
     assert all(Path(m["work"]).name == m["name"] for m in made)
     assert all(m["pid"] != os.getpid() for m in made)

@@ -195,8 +195,8 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     """Make ``n_jobs`` training jobs over ``proteins`` and ``n_held_out`` of the held-out one.
 
     Jobs already in ``out`` are kept (the corpus resumes after an interruption). ``workers`` > 1 makes
-    that many jobs at once, each in its own single-threaded process; the jobs are the same either way,
-    since every job's parameters are drawn before any is made.
+    that many jobs at once, each in its own single-threaded process; the jobs' parameters are the same
+    either way, since all are drawn before any is made.
     """
     unknown = sorted(p for p in set(proteins) if p not in PROTEINS and not is_chimera(p))
     if unknown or HELD_OUT in proteins:
@@ -230,26 +230,29 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
 
 
 def _single_threaded() -> None:
-    """Process-pool initialiser: one BLAS/OpenMP thread per worker, so N workers use N cores."""
+    """Process-pool initialiser: one FFT and one BLAS/OpenMP thread per worker, so N workers use N cores."""
     from threadpoolctl import threadpool_limits
 
+    from reconstruct.backend import set_fft_threads
+
     threadpool_limits(1)
+    set_fft_threads(1)
 
 
 def _make_in_parallel(todo: list[CorpusJob], out: Path, workers: int) -> None:
-    """Make ``todo`` with ``workers`` processes, each job in its own work folder; a failed job stops the run
-    after the running ones finish (those made are kept, so the next run resumes)."""
+    """Make ``todo`` with ``workers`` processes, each job in its own work folder; a failed job (or Ctrl-C)
+    stops the run (jobs made are kept, so the next run resumes)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_single_threaded)
+    try:
         futures = [pool.submit(make_job, job, out, out / ".work" / job.name) for job in todo]
-        try:
-            for fut in progress(as_completed(futures), len(futures), desc="corpus jobs", unit="job"):
-                fut.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        for fut in progress(as_completed(futures), len(futures), desc="corpus jobs", unit="job"):
+            fut.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs dropped; the error is raised at once
+        raise
+    pool.shutdown()
     shutil.rmtree(out / ".work", ignore_errors=True)
 
 
