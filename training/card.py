@@ -50,6 +50,7 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     if indexes:
         index = pd.concat(indexes, ignore_index=True)
         done = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
+        done = done[~done.held_out.astype(bool)]  # the held-out protein's jobs are the test set, not training data
         card["data"] = {"jobs": len(done), "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],
                         "junk_fraction": [float(done.junk_fraction.min()), float(done.junk_fraction.max())],
@@ -59,7 +60,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         named, n_chimeras = split_chimeras(d["proteins"])
         shown = named + ([f"{n_chimeras} chimeras (chimera_0 to chimera_{n_chimeras - 1}: domains of the "
                           "training models packed into new shapes)"] if n_chimeras else [])
-        data_lines = [f"- {d['jobs']} simulated Class2D jobs (our VDAM, 8-16 classes, 600-1300 particles each) of "
+        data_lines = [f"- {d['jobs']} simulated Class2D jobs for training and validation (our VDAM, 8-16 classes, "
+                      f"600-1300 particles each) of "
                       f"{', '.join(shown)}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
