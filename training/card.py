@@ -25,8 +25,9 @@ def _row(name: str, m: dict[str, Any]) -> str:
 
 
 def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list[Path] | None = None,
-            name: str = "class_ranker_v1") -> dict[str, Any]:
-    """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card."""
+            name: str = "class_ranker_v1", notes: Path | None = None) -> dict[str, Any]:
+    """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card.
+    ``notes``: a Markdown file whose text becomes the card's Notes section (comparisons, caveats)."""
     metrics = json.loads((run / "metrics.json").read_text())
     weights = out_dir / f"{name}.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
            f"ranker train --data {data} --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
            f"--patience {t['patience']} --seed {t['seed']} --no_features",
            f"python -m training.card --run run --ablation run_nofeat --corpus {data} --o models", "```", ""]
+    if notes is not None:
+        md += ["## Notes", "", notes.read_text().strip(), ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return card
 
@@ -119,9 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", nargs="*", default=None,
                     help="the corpus directories it was trained on (for the card's data section)")
     ap.add_argument("--o", default=str(Path(__file__).resolve().parents[1] / "models"), help="models directory")
+    ap.add_argument("--notes", default=None, help="Markdown file: the card's Notes section (comparisons, caveats)")
     a = ap.parse_args(argv)
     card = publish(Path(a.run), Path(a.o), Path(a.ablation) if a.ablation else None,
-                   [Path(c) for c in a.corpus] if a.corpus else None)
+                   [Path(c) for c in a.corpus] if a.corpus else None, notes=Path(a.notes) if a.notes else None)
     print(json.dumps(card["metrics"], indent=1, default=float))
 
 
