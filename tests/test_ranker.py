@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import DATA, make_class2d_job
+from helpers import ADK_CLOSED, ADK_OPEN, DATA, make_class2d_job, model_map
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -37,6 +37,7 @@ from ranker.model_store import load_model, model_card
 from ranker.network import ClassRankerNet, load_network, save_checkpoint
 from ranker.score import select_classes
 from reconstruct.files import InputError, read_star, write_star
+from reconstruct.geometry import euler_to_matrix
 from training.data import job_samples, load_samples
 from training.targets import class_categories, target_score
 
@@ -134,6 +135,66 @@ def test_class_categories_from_truth():
     assert cats.n.sum() == n
 
 
+def _one_view_truth(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Truth of ``n`` protein particles in one view (rot 30, tilt 70) at random in-plane angles and offsets."""
+    return pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n)], "map_index": 0,
+                         "category": "good", "rlnAngleRot": 30.0, "rlnAngleTilt": 70.0,
+                         "rlnAnglePsi": rng.uniform(-180, 180, n), "rlnOriginXAngst": rng.uniform(-6, 6, n),
+                         "rlnOriginYAngst": rng.uniform(-6, 6, n), "rlnClassNumber": 1})
+
+
+def test_ideal_class_averages_bring_particles_into_the_class_frame():
+    """The noise-free class average: particles of one view whose in-plane angle and offset the classification
+    found exactly average to that view's projection (rotated by what the classification left over); the
+    same particles at wrong angles blur, which the view match sees; junk contributes nothing."""
+    from reconstruct.projector import Projector
+    from training.targets import MIN_VIEW_MATCH, ideal_class_averages, view_match
+
+    box, px, n = 32, 4.0, 40
+    vol = model_map(ADK_OPEN, box, px)  # elongated: its in-plane average looks like no single view
+    rng = np.random.default_rng(5)
+    truth = _one_view_truth(3 * n, rng)
+    truth.loc[2 * n:, ["map_index", "category"]] = [-1, "ice"]
+    data = truth[["rlnImageName", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]].copy()
+    data["rlnClassNumber"] = np.repeat([1, 2, 3], n)
+    data.loc[:n - 1, "rlnAnglePsi"] -= 30.0  # class 1: aligned, 30 degrees of in-plane rotation left over
+    data.loc[n:2 * n - 1, "rlnAnglePsi"] = rng.uniform(-180, 180, n)  # class 2: in-plane angles wrong
+    ideal = ideal_class_averages(truth, data, vol, px, 4)
+    view = Projector(vol).project_images(euler_to_matrix(np.array([30.0]), np.array([70.0]), np.array([30.0])))[0]
+    corr = np.corrcoef(ideal[0].ravel(), view.ravel())[0, 1]
+    assert corr > 0.999
+    match = view_match(ideal, vol, px, 100.0)
+    assert match[0] > 0.99 and match[1] < MIN_VIEW_MATCH
+    assert not ideal[2].any() and not ideal[3].any()  # junk only; empty
+    with pytest.raises(ValueError, match="not in the classification"):
+        ideal_class_averages(truth, data.iloc[1:], vol, px, 4)
+
+
+@pytest.mark.slow
+def test_ideal_class_averages_agree_with_a_real_classification(tmp_path):
+    """On a clean simulated set, our 2D classification's own class averages look like the noise-free
+    ones computed from the truth and its alignments (the conventions of angles and offsets agree)."""
+    from reconstruct.class2d import Class2DOptions, class2d
+    from reconstruct.files import read_map, read_particles
+    from reconstruct.fourier import lowpass_filter
+    from reconstruct.simulate import ParticleSimulation, simulate_particles
+    from training.targets import ideal_class_averages
+
+    box, px = 32, 4.0
+    vol = model_map(ADK_CLOSED, box, px)
+    truth = simulate_particles([vol], ParticleSimulation(n_particles=300, box=box, pixel_size=px, snr=2.0,
+                                                         max_offset=2 * px, seed=4), tmp_path).table
+    res = class2d(Class2DOptions(star=tmp_path / "Extract/job001/particles.star", out=tmp_path / "Class2D",
+                                 particle_diameter=100, n_classes=3, algorithm="em", n_iter=8, seed=1,
+                                 project_dir=tmp_path))
+    data = read_particles(res.data_star).data
+    ideal = lowpass_filter(ideal_class_averages(truth, data, vol, px, 3), px, 15.0, ndim=2)
+    avg = lowpass_filter(read_map(res.classes)[0], px, 15.0, ndim=2)
+    used = np.bincount(data.rlnClassNumber, minlength=4)[1:] > 10
+    corr = [np.corrcoef(ideal[k].ravel(), avg[k].ravel())[0, 1] for k in np.nonzero(used)[0]]
+    assert used.sum() >= 2 and min(corr) > 0.9, corr
+
+
 # -- jobs on disk: EMPIAR-10812's layout -----------------------------------------------------------
 def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
     job_dir = make_class2d_job(tmp_path / "a1b2c3d4e5f6")
@@ -146,6 +207,22 @@ def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
     assert s.targets[0] == pytest.approx(0.9)  # the best class of a job with J = 0.9
     both = load_samples([tmp_path])
     assert len(both) == 4 and set(both.job) == {"a1b2c3d4e5f6"}
+
+
+def test_sample_cache_follows_changed_categories(tmp_path):
+    """Cached samples are reused, but not after a job's categories are rewritten (as the corpus does when
+    its category rule changes)."""
+    job_dir = make_class2d_job(tmp_path / "jobs" / "a1b2c3d4e5f6")
+    first = load_samples([tmp_path / "jobs"], cache=tmp_path / "cache")
+    cached = tmp_path / "cache" / "a1b2c3d4e5f6.npz"
+    assert cached.exists()
+    np.testing.assert_array_equal(load_samples([tmp_path / "jobs"], cache=tmp_path / "cache").targets, first.targets)
+    sel = job_dir / "backup_selection.star"
+    write_star(sel, {"": pd.DataFrame({"rlnSelected": [6, 6, 6, 1]})})
+    later = cached.stat().st_mtime + 5
+    os.utime(sel, (later, later))
+    again = load_samples([tmp_path / "jobs"], cache=tmp_path / "cache")
+    assert list(again.categories) == [6, 6, 6, 1] and again.targets[0] == 0 and first.targets[0] > 0
 
 
 def test_bad_jobs_give_clear_errors(tmp_path):
@@ -369,13 +446,18 @@ def _fake_job(job, out: Path, work: Path) -> Path:
     return dest
 
 
+def _fake_recategorise(job_dir: Path, work: Path | None = None) -> None:
+    """Stand-in for recategorise: records the process it ran in."""
+    (job_dir / "recategorised").write_text(str(os.getpid()))
+
+
 def test_corpus_workers_make_the_same_jobs_in_parallel(tmp_path, monkeypatch) -> None:
     """``--workers 2`` makes exactly the jobs one worker makes (parameters drawn up front), in two processes,
     each job in its own work folder, which is cleaned up afterwards; jobs already made are not made again."""
     import training.corpus as corpus
 
     monkeypatch.setattr(corpus, "make_job", _fake_job)
-    monkeypatch.setattr(corpus, "recategorise", lambda job_dir: None)
+    monkeypatch.setattr(corpus, "recategorise", _fake_recategorise)
     one = corpus.build_corpus(tmp_path / "one", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"))
     two = corpus.build_corpus(tmp_path / "two", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"), workers=2)
     pd.testing.assert_frame_equal(one, two)
@@ -390,5 +472,6 @@ def test_corpus_workers_make_the_same_jobs_in_parallel(tmp_path, monkeypatch) ->
     corpus.build_corpus(tmp_path / "two", 5, 1, seed=3, proteins=("adk_open", "hiv_protease"), workers=2)
     assert [json.loads((tmp_path / "two" / n / "job.json").read_text())["pid"] for n in two.name] == \
         [m["pid"] for m in made]
+    assert all(int((tmp_path / "two" / n / "recategorised").read_text()) != os.getpid() for n in two.name)
     with pytest.raises(ValueError, match="workers"):
         corpus.build_corpus(tmp_path / "three", 1, 0, workers=0)

@@ -77,8 +77,10 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
           "chosen on the validation jobs to balance particle false positives and false negatives against "
           "truth-good classes.", "", "## Training data", *data_lines,
           "- Targets as RELION's training script: job score J (from the SNR and junk fraction) x category (from "
-          "the truth: pure good particles whose average matches one noise-free view of the particle, mostly good, "
-          "mixed, blurred = good particles whose average matches no single view, neighbour-contaminated, junk) "
+          "the truth: pure good particles that the classification aligned into one view -- their noise-free "
+          "average, made from their true poses and the classification's alignments, matches a single projection "
+          "-- mostly good, mixed, blurred = good particles whose noise-free average matches no single view, "
+          "neighbour-contaminated, junk) "
           "x resolution relative to the job's best; see `training/targets.py`.",
           f"- Validation: {m['validation']['jobs']} jobs split off by job (scikit-learn GroupShuffleSplit); test: "
           f"all {m['test_held_out_protein']['jobs']} jobs of `{held}`, a protein never seen in training.", "",

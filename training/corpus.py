@@ -17,8 +17,10 @@ import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,7 @@ from reconstruct.progress import progress
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
 
 from .chimeras import chimera_map, chimera_radius, chimera_seed, is_chimera
-from .targets import category_of, class_categories, simulated_job_score, view_match
+from .targets import category_of, class_categories, ideal_class_averages, simulated_job_score, view_match
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +135,7 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     vol = protein_map(job.protein, job.box, job.pixel_size)
-    sim = ParticleSimulation(n_particles=job.n_particles, box=job.box, pixel_size=job.pixel_size, snr=job.snr,
-                             particle_diameter=job.diameter, junk_fraction=job.junk_fraction,
-                             neighbour_fraction=job.neighbour_fraction,
-                             defocus_range=(job.defocus_min, job.defocus_max), max_offset=2 * job.pixel_size,
-                             seed=job.seed)
-    truth = simulate_particles([vol], sim, work)
+    truth = simulate_particles([vol], simulation_of(job), work)
     res = class2d(Class2DOptions(star=work / "Extract/job001/particles.star", out=work / "Class2D",
                                  particle_diameter=job.diameter, n_classes=job.n_classes, n_iter=job.n_iter,
                                  ini_subset=100, fin_subset=300, write_every=1000, seed=job.seed,
@@ -160,9 +157,7 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     general["rlnModelStarFile"] = "run_model.star"
     general["rlnExperimentalDataStarFile"] = "run_data.star"
     write_star(tmp / "run_optimiser.star", opt)
-    classes = read_particles(res.data_star).data.rlnClassNumber.to_numpy()
-    match = view_match(read_map(res.classes)[0], vol, job.pixel_size, job.diameter)
-    cats = class_categories(classes, truth.table, job.n_classes, match)
+    cats = categorise(job, truth.table, read_particles(res.data_star).data, read_map(res.classes)[0], vol)
     write_star(tmp / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})
     cats.to_csv(tmp / "class_truth.csv", index=False)
     (tmp / "job_score.txt").write_text(f"{job.job_score:.4f}\n")
@@ -173,16 +168,51 @@ def make_job(job: CorpusJob, out: Path, work: Path) -> Path:
     return dest
 
 
-def recategorise(job_dir: Path) -> pd.DataFrame:
-    """Re-derive a job's categories from its stored truth make-up (class_truth.csv) with the current rule,
-    and rewrite backup_selection.star; used when the rule changes after jobs were made. The view match
-    is computed (from the job's protein, box and pixel size) when the file lacks it."""
+def simulation_of(job: CorpusJob) -> ParticleSimulation:
+    """The simulation parameters of ``job`` (deterministic: the same job gives the same particles)."""
+    return ParticleSimulation(n_particles=job.n_particles, box=job.box, pixel_size=job.pixel_size, snr=job.snr,
+                              particle_diameter=job.diameter, junk_fraction=job.junk_fraction,
+                              neighbour_fraction=job.neighbour_fraction,
+                              defocus_range=(job.defocus_min, job.defocus_max), max_offset=2 * job.pixel_size,
+                              seed=job.seed)
+
+
+def categorise(job: CorpusJob, truth: pd.DataFrame, data: pd.DataFrame, averages: np.ndarray,
+               vol: np.ndarray) -> pd.DataFrame:
+    """Per class, the truth make-up and category of a classified job: the view match that decides sharp
+    or blurred is that of the noise-free class average (:func:`ideal_class_averages`); the match of the
+    job's own (noisy) class average is kept as ``average_match`` for reference."""
+    ideal = ideal_class_averages(truth, data, vol, job.pixel_size, job.n_classes)
+    match = view_match(ideal, vol, job.pixel_size, job.diameter)
+    cats = class_categories(data.rlnClassNumber.to_numpy(), truth, job.n_classes, match)
+    cats["average_match"] = view_match(averages, vol, job.pixel_size, job.diameter)
+    return cats
+
+
+def recategorise(job_dir: Path, work: Path | None = None) -> pd.DataFrame:
+    """Re-derive a stored job's categories with the current rule and rewrite class_truth.csv and
+    backup_selection.star; used when the rule changes after jobs were made.
+
+    Jobs made before the noise-free view match (no ``average_match`` column) are simulated again (the
+    simulation is deterministic; the particles must be the ones the job classified, or this stops) to
+    compute it; the particle images are deleted again afterwards.
+    """
     cats = pd.read_csv(job_dir / "class_truth.csv")
-    if "view_match" not in cats.columns:
-        job = json.loads((job_dir / "job.json").read_text())
-        vol = protein_map(job["protein"], job["box"], job["pixel_size"])
-        cats["view_match"] = view_match(read_map(job_dir / "run_classes.mrcs")[0], vol, job["pixel_size"],
-                                        job["diameter"])
+    if "average_match" not in cats.columns:
+        job = CorpusJob(**json.loads((job_dir / "job.json").read_text()))
+        work = work or job_dir.parent / ".work" / job.name
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            vol = protein_map(job.protein, job.box, job.pixel_size)
+            truth = simulate_particles([vol], simulation_of(job), work).table
+            fresh = categorise(job, truth, read_particles(job_dir / "run_data.star").data,
+                               read_map(job_dir / "run_classes.mrcs")[0], vol)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not np.allclose(fresh[["n", "good", "junk"]].to_numpy(), cats[["n", "good", "junk"]].to_numpy()):
+            raise RuntimeError(f"{job_dir}: the simulation no longer gives the particles this job classified "
+                               "(its truth make-up differs); make the job again (delete its folder)")
+        cats = fresh
     cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.view_match)
                         for r in cats.itertuples()]
     cats.to_csv(job_dir / "class_truth.csv", index=False)
@@ -211,16 +241,19 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     held = [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
     order = sorted(plan + held, key=lambda j: (j.seed if j.protein != HELD_OUT else
                                                 (j.seed - n_jobs + 0.5) * n_jobs / max(n_held_out, 1)))
-    for job in order:
-        if (out / job.name / "job.json").exists():
-            recategorise(out / job.name)
+    made = [out / j.name for j in order if (out / j.name / "job.json").exists()]
     todo = [j for j in order if not (out / j.name / "job.json").exists()]
-    log.info("corpus %s: %d of %d jobs to make, %d worker(s)", out, len(todo), len(order), workers)
+    log.info("corpus %s: %d jobs to categorise again, %d of %d to make, %d worker(s)", out, len(made), len(todo),
+             len(order), workers)
     if workers == 1:
+        for job_dir in progress(made, len(made), desc="categories", unit="job"):
+            recategorise(job_dir)
         for job in progress(todo, len(todo), desc="corpus jobs", unit="job"):
             make_job(job, out, out / ".work")
     else:
-        _make_in_parallel(todo, out, workers)
+        _in_parallel(recategorise, [(d, out / ".work" / d.name) for d in made], workers, "categories")
+        _in_parallel(make_job, [(j, out, out / ".work" / j.name) for j in todo], workers, "corpus jobs")
+        shutil.rmtree(out / ".work", ignore_errors=True)
     index = pd.DataFrame([asdict(j) for j in plan + held])
     index["held_out"] = index.protein == HELD_OUT
     index.to_csv(out / "corpus.csv", index=False)
@@ -239,21 +272,22 @@ def _single_threaded() -> None:
     set_fft_threads(1)
 
 
-def _make_in_parallel(todo: list[CorpusJob], out: Path, workers: int) -> None:
-    """Make ``todo`` with ``workers`` processes, each job in its own work folder; a failed job (or Ctrl-C)
-    stops the run (jobs made are kept, so the next run resumes)."""
+def _in_parallel(fn: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int, desc: str) -> None:
+    """``fn(*args)`` for each of ``calls`` in ``workers`` single-threaded processes (jobs each in their own
+    work folder); a failure (or Ctrl-C) stops the run at once (finished jobs are kept: the next run resumes)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    if not calls:
+        return
     pool = ProcessPoolExecutor(workers, initializer=_single_threaded)
     try:
-        futures = [pool.submit(make_job, job, out, out / ".work" / job.name) for job in todo]
-        for fut in progress(as_completed(futures), len(futures), desc="corpus jobs", unit="job"):
+        futures = [pool.submit(fn, *args) for args in calls]
+        for fut in progress(as_completed(futures), len(futures), desc=desc, unit="job"):
             fut.result()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)  # queued jobs dropped; the error is raised at once
         raise
     pool.shutdown()
-    shutil.rmtree(out / ".work", ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -109,13 +109,14 @@ def find_jobs(roots: list[str | Path]) -> list[Path]:
 def load_samples(roots: list[str | Path], cache: Path | None = None) -> Samples:
     """All jobs' samples; a job that cannot be read is skipped with a warning (the rest still load).
 
-    With ``cache`` (a directory), each job's samples are kept as ``<job>.npz`` and reused.
+    With ``cache`` (a directory), each job's samples are kept as ``<job>.npz`` and reused until a file of
+    the job changes (new categories rewritten in place, say).
     """
     parts = []
     jobs = find_jobs(roots)
     for job_dir in progress(jobs, len(jobs), desc="reading jobs", unit="job"):
         cached = cache / f"{job_dir.name}.npz" if cache is not None else None
-        if cached is not None and cached.exists() and cached.stat().st_mtime >= job_dir.stat().st_mtime:
+        if cached is not None and cached.exists() and cached.stat().st_mtime >= _newest_change(job_dir):
             with np.load(cached, allow_pickle=False) as z:
                 parts.append(Samples(*(z[f] if f not in ("job", "group") else z[f].astype(object)
                                        for f in ("images", "features", "targets", "categories", "sizes", "job",
@@ -134,6 +135,11 @@ def load_samples(roots: list[str | Path], cache: Path | None = None) -> Samples:
                          sizes=s.sizes, job=s.job.astype(str), group=s.group.astype(str))
         parts.append(s)
     return Samples.concat(parts)
+
+
+def _newest_change(job_dir: Path) -> float:
+    """The latest modification time of ``job_dir`` and the files in it."""
+    return max([job_dir.stat().st_mtime, *(f.stat().st_mtime for f in job_dir.iterdir() if f.is_file())])
 
 
 def summary(samples: Samples) -> pd.DataFrame:

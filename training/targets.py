@@ -54,12 +54,13 @@ def view_spread(rot: np.ndarray, tilt: np.ndarray) -> float:
     return float(np.median(np.degrees(np.arccos(np.clip(z @ (mean / norm), -1, 1)))))
 
 
-MIN_VIEW_MATCH = 0.955  # a class average this close to one noise-free view (at 15 Å) is sharp
+MIN_VIEW_MATCH = 0.955  # a noise-free class average this close to one view (at 15 Å) is sharp
 
 
 def category_of(good: float, neighbour: float, junk: float, match: float, min_match: float = MIN_VIEW_MATCH) -> int:
     """The category a class earns from its truth make-up (fractions of good, neighbour and junk particles)
-    and how well its average matches a single noise-free view of the truth (:func:`view_match`)."""
+    and how well its noise-free average (:func:`ideal_class_averages`) matches a single view of the truth
+    (:func:`view_match`)."""
     if junk >= 0.5:
         return JUNK
     if neighbour >= 1 / 3:
@@ -77,7 +78,7 @@ def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
 
     ``classes`` holds each particle's rlnClassNumber; ``truth`` is the simulator's particles_truth.csv
     (columns category: good / neighbour / a junk kind, rlnAngleRot, rlnAngleTilt) in the same order;
-    ``match`` is each class average's :func:`view_match` (default: all sharp). A class is junk if half
+    ``match`` is each noise-free class average's :func:`view_match` (default: all sharp). A class is junk if half
     its particles are junk, neighbour-contaminated if a third have a neighbour's density at their edge,
     best if >= 85% are clean good particles and its average looks like one view of the particle,
     blurred if they are good but the average matches no single view, mostly good at >= 70% (and sharp),
@@ -147,3 +148,47 @@ def view_match(classes: np.ndarray, truth_map: np.ndarray, pixel_size: float, di
         cc = np.fft.irfft2(fp * np.conj(fc[k]), s=(box, box))[:, win][:, :, win]
         out[k] = float(cc.max())
     return out
+
+
+def ideal_class_averages(truth: pd.DataFrame, data: pd.DataFrame, truth_map: np.ndarray, pixel_size: float,
+                         n_classes: int, batch: int = 512) -> np.ndarray:
+    """Per class (1..K), the noise-free, CTF-free average of its protein particles as 2D classification
+    aligned them: what the class average would be with infinitely many particles.
+
+    ``truth`` is the simulator's table (true poses and offsets, ``map_index`` -1 for junk); ``data`` is the
+    classification's particle table (rlnClassNumber, rlnAnglePsi, rlnOriginX/YAngst), matched by
+    rlnImageName. A particle's clean image is the projection at its true pose, shifted by its true
+    offset; the classification's in-plane rotation and offset bring it into the class's frame. Unlike the
+    class average itself, this is free of noise, so a class of well-aligned particles from a noisy data set
+    is not mistaken for a blurred one. Junk particles are left out (the junk fraction speaks for them);
+    a class without protein particles is all zeros.
+    """
+    from reconstruct.fourier import centred_ifft, phase_shift_2d
+    from reconstruct.projector import Projector
+
+    cols = ["rlnImageName", "rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    missing = [c for c in cols if c not in data.columns]
+    if missing:
+        raise ValueError(f"the classification's particle table lacks {missing}")
+    both = truth.merge(data[cols], on="rlnImageName", how="inner", suffixes=("_true", ""))
+    if len(both) != len(truth):
+        raise ValueError(f"{len(truth) - len(both)} of {len(truth)} true particles are not in the classification's "
+                         "table: the truth and the job do not belong together")
+    both = both[both.map_index.to_numpy() >= 0]
+    box = truth_map.shape[0]
+    projector = Projector(np.asarray(truth_map, np.float32))
+    sums = np.zeros((n_classes, box * box), np.float64)
+    counts = np.zeros(n_classes)
+    for s in range(0, len(both), batch):
+        part = both.iloc[s:s + batch]
+        true_rot = euler_to_matrix(part.rlnAngleRot.to_numpy(), part.rlnAngleTilt.to_numpy(),
+                                   part.rlnAnglePsi_true.to_numpy())
+        undo = euler_to_matrix(np.zeros(len(part)), np.zeros(len(part)), -part.rlnAnglePsi.to_numpy())
+        offset = (part[["rlnOriginXAngst_true", "rlnOriginYAngst_true"]].to_numpy()
+                  - part[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy())
+        shift = np.einsum("nij,nj->ni", undo[:, :2, :2], offset) / pixel_size
+        images = centred_ifft(phase_shift_2d(projector.project(undo @ true_rot), -shift, box), (box, box))
+        onehot = part.rlnClassNumber.to_numpy()[None, :] == np.arange(1, n_classes + 1)[:, None]
+        sums += onehot.astype(np.float64) @ images.reshape(len(part), -1)
+        counts += onehot.sum(axis=1)
+    return (sums / np.maximum(counts, 1)[:, None]).reshape(n_classes, box, box).astype(np.float32)
