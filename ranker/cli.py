@@ -68,7 +68,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
     m = train(TrainOptions(data=[Path(d) for d in a.data], out=Path(a.o), epochs=a.epochs, lr=a.lr,
                            weight_decay=a.weight_decay, batch_size=a.batch_size, seed=a.seed,
-                           val_fraction=a.val_fraction, held_out=a.held_out, patience=a.patience,
+                           val_fraction=a.val_fraction, held_out=a.held_out, val_by=a.val_by, patience=a.patience,
                            accelerator="gpu" if a.gpu else "cpu", resume=a.resume, use_features=not a.no_features,
                            cache=Path(a.cache) if a.cache else None))
     print(json.dumps({k: m[k] for k in ("validation", "test", "default_threshold", "sha256")}, indent=1))
@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the ranker network with PyTorch Lightning on job directories laid out as EMPIAR-10812 "
                     "(run_model.star, run_data.star, run_optimiser.star, run_classes.mrcs, job_score.txt, "
                     "backup_selection.star per job). Targets as RELION's script: job score x class category x "
-                    "relative resolution. Validation jobs are split off by job; --held_out names a group (protein) "
-                    "kept for testing. Writes class_ranker.pt, metrics.json, checkpoints/ (resume with --resume) "
+                    "relative resolution. Validation jobs are split off by job (or by protein: --val_by); "
+                    "--held_out names a group (protein) kept for testing. Writes class_ranker.pt, metrics.json, "
+                    "checkpoints/ (resume with --resume) "
                     "and CSV logs into --o; the threshold balancing particle false positives and false negatives on "
                     "the validation jobs becomes the model's default --min_score.")
     s.add_argument("--data", nargs="+", required=True, help="directories of job directories (or single jobs)")
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=12, help="random seed of the split, the weights and the batches")
     s.add_argument("--val_fraction", type=float, default=0.2, help="fraction of the (not held-out) jobs for validation")
     s.add_argument("--held_out", default=None, help="group (protein in job.json) whose jobs form the test set")
+    s.add_argument("--val_by", choices=("job", "protein"), default="job",
+                   help="split validation off by job (default), or by protein: all jobs of a fraction of the "
+                        "proteins, so early stopping and the threshold are chosen on shapes the network never saw "
+                        "(EMPIAR-10812's jobs have no protein: each is its own group)")
     s.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better val_mse")
     s.add_argument("--no_features", action="store_true", help="train on the images alone (features zeroed)")
     s.add_argument("--cache", default=None, help="directory to keep each job's prepared inputs (.npz) in")

@@ -209,6 +209,25 @@ def test_empiar_10812_layout_is_read_with_relions_targets(tmp_path):
     assert len(both) == 4 and set(both.job) == {"a1b2c3d4e5f6"}
 
 
+def test_validation_split_by_job_or_by_protein():
+    """Whole jobs go to validation; with val_by="protein", whole proteins; the held-out protein is the test set."""
+    from training.data import Samples
+    from training.train import split_by_job
+
+    groups = np.repeat(["a", "b", "c", "d", "e", "held"], 12)
+    jobs = np.array([f"{g}_{i // 3}" for i, g in enumerate(groups)], dtype=object)
+    n = len(jobs)
+    s = Samples(np.zeros((n, 64, 64), np.float32), np.zeros((n, 24), np.float32), np.zeros(n, np.float32),
+                np.ones(n), np.ones(n), jobs, groups.astype(object))
+    for val_by in ("job", "protein"):
+        tr, va, te = split_by_job(s, 0.4, 0, "held", val_by)
+        assert set(te.group) == {"held"} and len(tr) + len(va) + len(te) == n
+        assert not set(tr.job) & set(va.job)
+        assert not (set(tr.group) & set(va.group)) if val_by == "protein" else len(va) > 0
+    with pytest.raises(ValueError, match="val_by"):
+        split_by_job(s, 0.4, 0, "held", "class")
+
+
 def test_sample_cache_follows_changed_categories(tmp_path):
     """Cached samples are reused, but not after a job's categories are rewritten (as the corpus does when
     its category rule changes)."""

@@ -40,6 +40,7 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         "metrics": {"validation": metrics["validation"], "test_held_out_protein": metrics["test"]},
         "training": {k: metrics["options"][k] for k in ("epochs", "lr", "weight_decay", "batch_size", "seed",
                                                         "held_out", "val_fraction", "patience")}
+        | {"val_by": metrics["options"].get("val_by", "job")}
         | {"epochs_run": metrics["epochs"], "train_classes": metrics["train_classes"],
            "train_seconds": round(metrics["train_seconds"], 1)},
         "zero_granulometry": True,
@@ -70,6 +71,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=1, default=float))
     m = card["metrics"]
     held = metrics["options"].get("held_out")
+    val_by_text = ("protein: all jobs of proteins never seen in training" if card["training"]["val_by"] == "protein"
+                   else "job")
     md = [f"# Model card: {name} ({card['version']})", "",
           f"- File: `{weights.name}`, SHA-256 `{digest}`", f"- Architecture: {card['architecture']}; output linear, "
           "trained towards RELION's targets in [0, 1]; granulometry features (slots 15-20) zeroed in training and "
@@ -82,7 +85,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
           "-- mostly good, mixed, blurred = good particles whose noise-free average matches no single view, "
           "neighbour-contaminated, junk) "
           "x resolution relative to the job's best; see `training/targets.py`.",
-          f"- Validation: {m['validation']['jobs']} jobs split off by job (scikit-learn GroupShuffleSplit); test: "
+          f"- Validation: {m['validation']['jobs']} jobs split off by {val_by_text} (scikit-learn GroupShuffleSplit); "
+          "test: "
           f"all {m['test_held_out_protein']['jobs']} jobs of `{held}`, a protein never seen in training.", "",
           "## Metrics", "",
           "| set | jobs | classes | MSE | Spearman | AUC good vs rest | particle FPR | particle FNR |",
@@ -102,11 +106,12 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
                     f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
                     + (f" --chimeras {n_chimeras}" if n_chimeras else ""))
     data = " ".join(Path(d).name for d in metrics["options"]["data"])
+    val_by = " --val_by protein" if t["val_by"] == "protein" else ""
     md += ["", "## Reproduce", "", "```bash", *make,
            f"ranker train --data {data} --o run --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
-           f"--patience {t['patience']} --seed {t['seed']}",
+           f"--patience {t['patience']} --seed {t['seed']}{val_by}",
            f"ranker train --data {data} --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
-           f"--patience {t['patience']} --seed {t['seed']} --no_features",
+           f"--patience {t['patience']} --seed {t['seed']}{val_by} --no_features",
            f"python -m training.card --run run --ablation run_nofeat --corpus {data} --o models", "```", ""]
     if notes is not None:
         md += ["## Notes", "", notes.read_text().strip(), ""]

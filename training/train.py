@@ -45,6 +45,7 @@ class TrainOptions:
     seed: int = 12
     val_fraction: float = 0.2
     held_out: str | None = None  # group (protein) whose jobs are the test set
+    val_by: str = "job"  # "protein": validation jobs are all the jobs of some proteins, never seen in training
     patience: int = 20
     accelerator: str = "auto"
     resume: bool = False
@@ -52,13 +53,18 @@ class TrainOptions:
     cache: Path | None = None
 
 
-def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str | None
+def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str | None, val_by: str = "job"
                  ) -> tuple[Samples, Samples, Samples]:
-    """Train / validation / test samples: test = the held-out group's jobs; validation = whole jobs."""
+    """Train / validation / test samples: test = the held-out group's jobs; validation = whole jobs, or with
+    ``val_by="protein"`` every job of a fraction of the groups (so early stopping and the threshold are chosen
+    on proteins the network never saw, as the test protein is; jobs without a protein are their own group)."""
+    if val_by not in ("job", "protein"):
+        raise ValueError(f"val_by must be 'job' or 'protein': got {val_by!r}")
     test_mask = samples.group == held_out if held_out else np.zeros(len(samples), bool)
     rest = np.nonzero(~test_mask)[0]
     splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-    tr, va = next(splitter.split(rest, groups=samples.job[rest]))
+    groups = samples.job[rest] if val_by == "job" else samples.group[rest]
+    tr, va = next(splitter.split(rest, groups=groups))
     train_mask = np.zeros(len(samples), bool)
     val_mask = np.zeros(len(samples), bool)
     train_mask[rest[tr]] = True
@@ -117,8 +123,9 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     opt.out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(opt.data, opt.cache)
     log.info("samples by group:\n%s", summary(samples))
-    train_s, val_s, test_s = split_by_job(samples, opt.val_fraction, opt.seed, opt.held_out)
-    log.info("split by job: %d train classes, %d validation, %d test (%s)", len(train_s), len(val_s), len(test_s),
+    train_s, val_s, test_s = split_by_job(samples, opt.val_fraction, opt.seed, opt.held_out, opt.val_by)
+    log.info("split by %s: %d train classes, %d validation (%d jobs of %d groups), %d test (%s)", opt.val_by,
+             len(train_s), len(val_s), len(np.unique(val_s.job)), len(np.unique(val_s.group)), len(test_s),
              opt.held_out or "none held out")
     module = RankerModule(opt.lr, opt.weight_decay, opt.dropout, opt.use_features)
     ckpt_dir = opt.out / "checkpoints"
