@@ -183,9 +183,10 @@ def categorise(job: CorpusJob, truth: pd.DataFrame, data: pd.DataFrame, averages
     or blurred is that of the noise-free class average (:func:`ideal_class_averages`); the match of the
     job's own (noisy) class average is kept as ``average_match`` for reference."""
     ideal = ideal_class_averages(truth, data, vol, job.pixel_size, job.n_classes)
-    match = view_match(ideal, vol, job.pixel_size, job.diameter)
-    cats = class_categories(data.rlnClassNumber.to_numpy(), truth, job.n_classes, match)
-    cats["average_match"] = view_match(averages, vol, job.pixel_size, job.diameter)
+    # one call: the truth's projections, the costly part, are made once for both sets of images
+    match = view_match(np.concatenate([ideal, averages]), vol, job.pixel_size, job.diameter)
+    cats = class_categories(data.rlnClassNumber.to_numpy(), truth, job.n_classes, match[:job.n_classes])
+    cats["average_match"] = match[job.n_classes:]
     return cats
 
 
@@ -253,7 +254,7 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     else:
         _in_parallel(recategorise, [(d, out / ".work" / d.name) for d in made], workers, "categories")
         _in_parallel(make_job, [(j, out, out / ".work" / j.name) for j in todo], workers, "corpus jobs")
-        shutil.rmtree(out / ".work", ignore_errors=True)
+    shutil.rmtree(out / ".work", ignore_errors=True)
     index = pd.DataFrame([asdict(j) for j in plan + held])
     index["held_out"] = index.protein == HELD_OUT
     index.to_csv(out / "corpus.csv", index=False)
