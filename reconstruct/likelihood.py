@@ -119,19 +119,19 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: in
     probabilities sum to at least ``fraction`` (RELION's adaptive significance), at most
     ``max_count`` of them when that is > 0 (RELION's ``--maxsig``)."""
     xp = array_module(log_post)
-    b = log_post.shape[0]
+    b, m, t = log_post.shape
     flat = log_post.reshape(b, -1)
     n = flat.shape[1]
-    top = flat.max(axis=1, keepdims=True)
-    p = xp.exp(flat - top)
-    p /= p.sum(axis=1, keepdims=True)
-    # Only the max_count most probable poses can be kept: select them in linear time, sort just those.
+    best = log_post.max(axis=2)  # (B, M): each orientation's best offset
+    top = best.max(axis=1, keepdims=True)
+    total = _sum_exp(flat, top)  # (B, 1): sum of exp(log_post - top), the normaliser
     k = n if max_count <= 0 else min(max_count, n)
     if k < n:
-        cand = xp.argpartition(-p, k - 1, axis=1)[:, :k]
+        cand = _top_candidates(log_post, best, k)
+        vals = xp.exp(xp.take_along_axis(flat, cand, axis=1) - top) / total
     else:
         cand = xp.broadcast_to(xp.arange(n), (b, n))
-    vals = xp.take_along_axis(p, cand, axis=1)
+        vals = xp.exp(flat - top) / total
     order = xp.argsort(-vals, axis=1)
     cand = xp.take_along_axis(cand, order, axis=1)
     vals = xp.take_along_axis(vals, order, axis=1)
@@ -141,8 +141,33 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: in
     img, j = xp.nonzero(keep)
     pose, w = cand[img, j], vals[img, j]
     w = w / (vals * keep).sum(axis=1)[img]
-    m_t = log_post.shape[2]
-    return Significant(img, pose // m_t, pose % m_t, w, top[:, 0], p.max(axis=1), keep.sum(axis=1))
+    return Significant(img, pose // t, pose % t, w, top[:, 0], 1.0 / total[:, 0], keep.sum(axis=1))
+
+
+def _sum_exp(flat: Any, top: Any, chunk: int = 1 << 24) -> Any:
+    """Row sums of exp(flat - top) (B, 1), over row blocks so the temporary stays small."""
+    xp = array_module(flat)
+    rows = max(1, chunk // max(flat.shape[1], 1))
+    return xp.concatenate([xp.exp(flat[s:s + rows] - top[s:s + rows]).sum(axis=1, keepdims=True)
+                           for s in range(0, flat.shape[0], rows)])
+
+
+def _top_candidates(log_post: Any, best: Any, k: int) -> Any:
+    """Flat indices (B, k) of each image's k largest entries of (B, M, T), in no particular order;
+    ``best`` (B, M) is each orientation's maximum over T.
+
+    The k best (orientation, offset) pairs lie in the k orientations whose best offset is best (a pair
+    at least the k-th value makes its orientation's maximum at least that), so the selection runs over
+    B x M maxima and then B x k x T entries instead of all B x M x T.
+    """
+    xp = array_module(log_post)
+    b, m, t = log_post.shape
+    ko = min(k, m)
+    orient = xp.argpartition(-best, ko - 1, axis=1)[:, :ko] if ko < m else xp.broadcast_to(xp.arange(m), (b, m))
+    sub = xp.take_along_axis(log_post, orient[:, :, None], axis=1).reshape(b, -1)  # (B, ko T)
+    pick = xp.argpartition(-sub, k - 1, axis=1)[:, :k] if k < sub.shape[1] else xp.broadcast_to(
+        xp.arange(sub.shape[1]), (b, sub.shape[1]))
+    return xp.take_along_axis(orient, pick // t, axis=1) * t + pick % t
 
 
 def score_local_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2: Any, box: int,
