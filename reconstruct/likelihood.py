@@ -119,7 +119,7 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: in
     probabilities sum to at least ``fraction`` (RELION's adaptive significance), at most
     ``max_count`` of them when that is > 0 (RELION's ``--maxsig``)."""
     xp = array_module(log_post)
-    b, m, t = log_post.shape
+    b, _, t = log_post.shape
     flat = log_post.reshape(b, -1)
     n = flat.shape[1]
     best = log_post.max(axis=2)  # (B, M): each orientation's best offset
