@@ -124,14 +124,16 @@ def significant_posteriors(log_post: Any, fraction: float = 0.999, max_count: in
     n = flat.shape[1]
     best = log_post.max(axis=2)  # (B, M): each orientation's best offset
     top = best.max(axis=1, keepdims=True)
-    total = _sum_exp(flat, top)  # (B, 1): sum of exp(log_post - top), the normaliser
     k = n if max_count <= 0 else min(max_count, n)
     if k < n:
+        total = _sum_exp(flat, top)  # (B, 1): sum of exp(log_post - top), the normaliser
         cand = _top_candidates(log_post, best, k)
         vals = xp.exp(xp.take_along_axis(flat, cand, axis=1) - top) / total
-    else:
+    else:  # every pose is a candidate: the probabilities are needed anyway
+        vals = xp.exp(flat - top)
+        total = vals.sum(axis=1, keepdims=True)
+        vals /= total
         cand = xp.broadcast_to(xp.arange(n), (b, n))
-        vals = xp.exp(flat - top) / total
     order = xp.argsort(-vals, axis=1)
     cand = xp.take_along_axis(cand, order, axis=1)
     vals = xp.take_along_axis(vals, order, axis=1)
