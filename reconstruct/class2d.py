@@ -41,7 +41,7 @@ from .oversampling import FineSamples, argmax_per_image, normalise_per_image
 from .particles import origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum
-from .sampling import translations
+from .sampling import coarse_image_size, translations
 from .vdam import (
     Moments,
     VdamSchedule,
@@ -200,16 +200,22 @@ class _Classifier(ClassifierBase):
     def current_size(self, st: _State) -> int:
         return min(self.box, max(16, _even(2 * (st.resolution_shell + 10))))
 
+    def coarse_size(self, size: int) -> int:
+        """The coarse pass's image size at current size ``size`` (:func:`coarse_image_size`)."""
+        return coarse_image_size(2 * self.opt.psi_step, self.opt.particle_diameter, self.px, self.box, size)
+
     def iterate(self, st: _State, rows: np.ndarray, full_pass: bool) -> dict[str, Any]:
         """E-step over ``rows`` and accumulation of the half sets' residuals and weights."""
         xp, opt, g = self.xp, self.opt, self.grids
-        size = self.current_size(st)
+        size, c_size = self.current_size(st), self.coarse_size(self.current_size(st))
         mask2d = fourier_mask(size, size / 2 - 1, xp)
         inv_s2 = xp.asarray(inverse_sigma2_curve(st.sigma2, size), dtype=xp.float32) * mask2d
+        c_mask = fourier_mask(c_size, c_size / 2 - 1, xp)
+        c_inv_s2 = xp.asarray(inverse_sigma2_curve(st.sigma2, c_size), dtype=xp.float32) * c_mask
         proj_grid = g.transform(st.refs, gridding_correction=True)
         kc, kf = self.psi_coarse.size, self.psi_fine.size
         coarse = g.project(proj_grid, np.repeat(np.arange(self.k), kc), np.tile(rotation_2d(self.psi_coarse),
-                                                                                (self.k, 1, 1)), size)
+                                                                                (self.k, 1, 1)), c_size)
         fine = g.project(proj_grid, np.repeat(np.arange(self.k), kf), np.tile(rotation_2d(self.psi_fine),
                                                                               (self.k, 1, 1)), size)
         log_pi = xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)
@@ -222,7 +228,8 @@ class _Classifier(ClassifierBase):
         nb = -(-rows.size // opt.batch)
         desc = f"{'iteration' if self.em else 'mini-batch'} {st.it}/{self.n_iter}"
         for r, imgs in progress(self.src.batches(opt.batch, rows), nb, desc, "batch", quiet=nb < 4):
-            self._estep(r, xp.asarray(imgs), size, mask2d, inv_s2, coarse, fine, log_pi, st, acc)
+            self._estep(r, xp.asarray(imgs), size, mask2d, inv_s2, (coarse, c_mask, c_inv_s2), fine, log_pi, st,
+                        acc)
         # The per-(class, angle) sums are back-projected once: K x angles slices at most.
         gd2 = xp.zeros((2, self.k, *g.shape), xp.complex64)
         gw2 = xp.zeros((2, self.k, *g.shape), xp.float32)
@@ -247,7 +254,9 @@ class _Classifier(ClassifierBase):
 
     def _estep(self, rows: np.ndarray, imgs: Any, size: int, mask2d: Any, inv_s2: Any, coarse: Any, fine: Any,
                log_pi: Any, st: _State, acc: dict[str, Any]) -> None:
-        """Coarse search, oversampled fine search, per-particle records and M-step sums for one batch."""
+        """Coarse search, oversampled fine search, per-particle records and M-step sums for one batch.
+
+        ``coarse`` holds the coarse pass's projections, frequency mask and 1/sigma2 at its own (smaller) size."""
         xp, opt = self.xp, self.opt
         kc, kf = self.psi_coarse.size, self.psi_fine.size
         prev = self.offsets[rows]
@@ -258,7 +267,10 @@ class _Classifier(ClassifierBase):
         x = crop_half(centred_fft(centred, 2), size)
         c = crop_half(self.ctf(rows, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
         sc = self.shifts_coarse
-        logl = score_poses(x, c, coarse, sc, inv_s2, self.box, mask2d)  # (B, K kc, Tc)
+        c_proj, c_mask, c_inv_s2 = coarse
+        c_size = c_proj.shape[1]
+        logl = score_poses(crop_half(x, c_size), crop_half(c, c_size), c_proj, sc, c_inv_s2, self.box,
+                           c_mask)  # (B, K kc, Tc)
         tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)  # (B, Tc, 2) absolute offsets
         s2 = 2 * st.sigma_offset**2
         logl = logl + xp.repeat(log_pi, kc)[None, :, None] - ((tot**2).sum(-1) / s2)[:, None, :]
@@ -459,9 +471,10 @@ def class2d(opt: Class2DOptions) -> Class2DResult:
         c.maximise(st, acc, it, full)
         if c.em or it % opt.write_every == 0 or it == c.n_iter or full:
             c.write(st, it)
-        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d), %d non-empty classes, mean Pmax %.3f, "
-                 "%.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
-                 c.box * c.px / st.resolution_shell, acc["size"], int((st.pi > 1e-3 / c.k).sum()),
+        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d, coarse pass %d), %d non-empty classes, "
+                 "mean Pmax %.3f, %.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
+                 c.box * c.px / st.resolution_shell, acc["size"], c.coarse_size(acc["size"]),
+                 int((st.pi > 1e-3 / c.k).sum()),
                  float(c.pmax[rows].mean()), time.perf_counter() - t0)
     root = c.out / f"run_it{st.it:03d}"
     from .plots import plot_class_gallery

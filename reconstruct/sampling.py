@@ -8,6 +8,8 @@ NEST-ordered one; only the order differs).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .geometry import euler_to_matrix
@@ -146,3 +148,13 @@ def local_rotations(step: float, radius: float) -> np.ndarray:
     k -= np.swapaxes(k, 1, 2)
     s, c = np.sin(ang)[:, None, None], np.cos(ang)[:, None, None]
     return np.eye(3)[None] + s * k + (1 - c) * (k @ k)
+
+
+def coarse_image_size(coarse_step: float, diameter: float, pixel_size: float, box: int, current_size: int,
+                      keepsafe: float = 1.5) -> int:
+    """RELION's image size for the coarse pass of adaptive oversampling: up to the frequency where one coarse
+    angular step (degrees) moves the edge of a particle of ``diameter`` Å by ``keepsafe`` wavelengths (RELION:
+    1.5 in 2D, 1.2 in 3D) -- finer frequencies cannot tell neighbouring coarse poses apart better, and cost the
+    most.  Even, and never above the current image size (the oversampled pass uses that)."""
+    arc = coarse_step / 360.0 * math.pi * diameter  # Å moved at the particle's edge
+    return min(current_size, 2 * math.ceil(pixel_size * box * keepsafe / arc))

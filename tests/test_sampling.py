@@ -4,6 +4,7 @@ import pytest
 from reconstruct.sampling import (
     angular_step,
     asymmetric_unit,
+    coarse_image_size,
     healpix_directions,
     orientations,
     psi_angles,
@@ -62,3 +63,15 @@ def test_translation_grid():
     t = translations(5, 2)
     assert len(t) == 21 and np.hypot(*t.T).max() <= 5
     assert translations(3, 0).shape == (1, 2)
+
+
+def test_coarse_image_size_follows_relion() -> None:
+    """RELION's first-pass size: 2 ceil(box px / (step/360 pi d / keepsafe)), capped at the current size."""
+    # 2D, 12° coarse in-plane step, 160 Å particle at 3 Å/px in a 64 px box: 192 / 11.17 Å -> 2 x 18.
+    assert coarse_image_size(12.0, 160.0, 3.0, 64, 64) == 36
+    assert coarse_image_size(12.0, 160.0, 3.0, 64, 30) == 30  # never above the current size
+    # 3D keep-safe factor 1.2, 7.5° step, 160 Å at 2 Å/px in a 96 px box: 192 / 8.73 Å = 22.0 -> 2 x 23.
+    assert coarse_image_size(7.5, 160.0, 2.0, 96, 96, keepsafe=1.2) == 46
+    # Finer steps need finer frequencies: the size never shrinks as the step does.
+    sizes = [coarse_image_size(s, 200.0, 1.5, 256, 256) for s in (24.0, 12.0, 6.0, 3.0)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] <= 256
