@@ -25,9 +25,11 @@ clearly finer than 3x the pixel size cannot be passed by any program (at SNR 0.1
 is 12.8 Å, so the default is SNR 0.5 and 4,000 particles: 9.1 Å).
 
 Outputs go to benchmarks/out/initialmodel/ (ignored by git; --out elsewhere); the table to
-benchmarks/results/initialmodel.md, rewritten after every run. Seeds run in turn across the sets (seed 0 of each,
-then seed 1, ...). Stopped runs resume: seeds already scored are kept, and a cut seed goes on from its last
-written mini-batch.
+benchmarks/results/initialmodel.md, rewritten after every run, and every finished run (with its settings and the
+code's commit) to benchmarks/results/initialmodel_runs.json, which later invocations read: the protocol accumulates
+over sessions even when the work folder is not kept (the simulations are deterministic). Seeds run in turn across
+the sets (seed 0 of each, then seed 1, ...). Stopped runs resume: seeds already scored are kept, and a cut seed
+goes on from its last written mini-batch.
 """
 
 from __future__ import annotations
@@ -112,10 +114,52 @@ def prepare_set(name: str, args: argparse.Namespace) -> tuple[np.ndarray, float,
     truth = _simulate(name, out, args)
     limit = information_limit(name, out, args)
     logging.info("%s: true-pose limit %.1f Å (success needs %.1f Å)", name, limit, 3 * args.angpix)
-    runs = out / "runs.json"
-    rows = [r for r in (json.loads(runs.read_text()) if runs.exists() else []) if r["seed"] < args.seeds
+    runs = out / "runs.json"  # this work folder's runs (kept before the record below existed)
+    local = [{**r, "settings": _settings(args)} for r in (json.loads(runs.read_text()) if runs.exists() else [])]
+    kept = {_key(r) for r in local}
+    known = [r for r in _read_record(args) if _key(r) not in kept] + local
+    rows = [r for r in known if r["set"] == name and r.get("settings") == _settings(args) and r["seed"] < args.seeds
             and (_program(r) == "relion" or (r.get("iter") == args.iter and r.get("gpu") == args.gpu))]
     return truth, limit, rows
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """What makes a set's particles: the simulation is deterministic, so runs with equal settings share data."""
+    return {"n": args.n, "box": args.box, "angpix": args.angpix, "snr": args.snr}
+
+
+def _key(row: dict) -> tuple:
+    return row["set"], row["seed"], _program(row), row.get("iter"), row.get("gpu"), json.dumps(row.get("settings"))
+
+
+def _record_path(args: argparse.Namespace) -> Path:
+    """Every finished run, kept with the table (benchmarks/results/ for the default --out), so the protocol's
+    ~30 runs can accumulate over sessions whose work folders are not kept."""
+    return table_path("initialmodel_runs.json", Path(args.out), DEFAULT_OUT)
+
+
+def _read_record(args: argparse.Namespace) -> list[dict]:
+    path = _record_path(args)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _add_to_record(row: dict, args: argparse.Namespace) -> None:
+    """Add (or replace) one finished run in the record; written atomically."""
+    rows = [r for r in _read_record(args) if _key(r) != _key(row)] + [row]
+    rows.sort(key=lambda r: (r["set"], r["seed"], _program(r), json.dumps(r.get("settings"))))
+    path = _record_path(args)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _commit() -> str | None:
+    """The code's git commit, stored with each run (results may change with the code)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=HERE).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def run_seed(name: str, seed: int, truth: np.ndarray, limit: float, args: argparse.Namespace) -> dict:
@@ -278,6 +322,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sets = {name: prepare_set(name, args) for name in args.sets}
     rows = [r for _, _, done in sets.values() for r in done]
+    for row in rows:  # runs found only in a work folder's runs.json go into the record too
+        _add_to_record(row, args)
     # Seed by seed across the sets, so a partial run (the protocol takes hours on a CPU) covers every set.
     programs = {"ours": run_seed, **({"relion": run_relion_seed} if args.relion else {})}
     for seed in range(args.seeds):
@@ -285,9 +331,8 @@ def main() -> None:
             for program, run in programs.items():
                 if any(r["set"] == name and r["seed"] == seed and _program(r) == program for r in rows):
                     continue
-                rows.append(run(name, seed, truth, limit, args))
-                mine = sorted((r for r in rows if r["set"] == name), key=lambda r: (r["seed"], _program(r)))
-                (Path(args.out).resolve() / name / "runs.json").write_text(json.dumps(mine, indent=1))
+                rows.append({**run(name, seed, truth, limit, args), "settings": _settings(args), "commit": _commit()})
+                _add_to_record(rows[-1], args)
                 print(f"table: {write_table(rows, args)}")
     print(f"table: {write_table(rows, args)}")
 
