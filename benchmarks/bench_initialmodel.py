@@ -154,10 +154,14 @@ def _add_to_record(row: dict, args: argparse.Namespace) -> None:
 
 
 def _commit() -> str | None:
-    """The code's git commit, stored with each run (results may change with the code)."""
+    """The code's git commit, stored with each run (results may change with the code); taken when the
+    benchmark starts, since the code it runs is the code it imported then, with "+modified" when the
+    working tree's reconstruct/ differs from that commit."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=HERE).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=HERE).stdout.strip() or None
+        head = git("rev-parse", "--short", "HEAD")
+        return f"{head}+modified" if git("status", "--porcelain", "--", "../reconstruct") else head or None
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -248,7 +252,8 @@ def _program(row: dict) -> str:
 
 
 def _table_rows(all_rows: list[dict], sets: list[str], program: str) -> list[str]:
-    """One Markdown row per set with runs of ``program``: successes, FSC 0.5 and CC per seed, median wall time."""
+    """One Markdown row per set with runs of ``program``: successes, FSC 0.5 and CC per seed, median wall time, and
+    the commit of the code each seed ran ("?" where not recorded)."""
     lines = []
     for name in sets:
         rows = sorted((r for r in all_rows if r["set"] == name and _program(r) == program), key=lambda r: r["seed"])
@@ -258,8 +263,9 @@ def _table_rows(all_rows: list[dict], sets: list[str], program: str) -> list[str
         resol = ", ".join(f"{r['fsc05_A']:.1f}" for r in rows)
         cc = ", ".join(f"{r['cc']:.2f}" for r in rows)
         limit = rows[0].get("limit_A")
+        code = ", ".join(r.get("commit") or "?" for r in rows)
         lines.append(f"| {name} | {'n/a' if limit is None else f'{limit:.1f} Å'} | {ok}/{len(rows)} | {resol} | {cc} | "
-                     f"{np.median([r['wall_s'] for r in rows]):.0f} s |")
+                     f"{np.median([r['wall_s'] for r in rows]):.0f} s | {code} |")
     return lines
 
 
@@ -276,7 +282,7 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
              "their true poses falls to 0.143 -- the finest FSC-0.5 match to the truth any program could reach on "
              "the set.", "",
              "| set | true-pose limit | successes | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall time "
-             "per run |", "|---|---|---|---|---|---|"]
+             "per run | code per seed |", "|---|---|---|---|---|---|---|"]
     lines += _table_rows(all_rows, args.sets, "ours")
     relion = [r for r in all_rows if _program(r) == "relion" and r["set"] in args.sets]
     if relion:
@@ -285,7 +291,7 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
                   "resolution cut at 35 then 15 Å; K 3 like ours, its most populated class scored the same way; "
                   "RELION 3.1 has no VDAM, and its 15 Å cut keeps it from 12 Å by design):", "",
                   "| set | true-pose limit | successes | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall "
-                  "time per run | ours faster (wall, same seeds) |", "|---|---|---|---|---|---|---|"]
+                  "time per run | code per seed | ours faster (wall, same seeds) |", "|---" * 8 + "|"]
         ours = {(r["set"], r["seed"]): r["wall_s"] for r in all_rows if _program(r) == "ours"}
         for name in args.sets:
             pairs = [(r["wall_s"], ours[(name, r["seed"])]) for r in relion
@@ -320,6 +326,7 @@ def main() -> None:
     if args.relion and not shutil.which("relion_refine"):
         p.error("--relion needs relion_refine on PATH (apt-get install relion)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    commit = _commit()
     sets = {name: prepare_set(name, args) for name in args.sets}
     rows = [r for _, _, done in sets.values() for r in done]
     for row in rows:  # runs found only in a work folder's runs.json go into the record too
@@ -331,7 +338,7 @@ def main() -> None:
             for program, run in programs.items():
                 if any(r["set"] == name and r["seed"] == seed and _program(r) == program for r in rows):
                     continue
-                rows.append({**run(name, seed, truth, limit, args), "settings": _settings(args), "commit": _commit()})
+                rows.append({**run(name, seed, truth, limit, args), "settings": _settings(args), "commit": commit})
                 _add_to_record(rows[-1], args)
                 print(f"table: {write_table(rows, args)}")
     print(f"table: {write_table(rows, args)}")

@@ -4,7 +4,8 @@ Each mini-batch (or EM iteration): an E-step over every particle of the batch --
 K classes x HEALPix orientations (the current order, RELION's grid in the group's asymmetric unit,
 randomly perturbed each time) x translations around each particle's previous offset, then every
 significant coarse pose oversampled once (8 finer orientations x 4 finer offsets), as RELION's
-adaptive oversampling -- and an M-step that back-projects, per half set (particle index mod 2), the
+adaptive oversampling, the coarse pass at RELION's coarse image size
+(:func:`reconstruct.sampling.coarse_image_size`) and the fine one at the current size -- and an M-step that back-projects, per half set (particle index mod 2), the
 residuals w c (X - c A) / sigma2 and weights w c^2 / sigma2 into the K class grids, from which
 :mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, RELION's EM update: the data
 average Wiener-filtered with tau2 = T x the reference's power, ``--tau2_fudge`` T).  Samples of one
@@ -49,7 +50,7 @@ from .oversampling import FineSamples, argmax_per_image, normalise_per_image
 from .particles import origins_px
 from .progress import progress
 from .refine3d import image_power_spectrum, reference_scale
-from .sampling import angular_step, orientations, translations
+from .sampling import angular_step, coarse_image_size, orientations, translations
 from .symmetry import group_order, symmetry_operators
 from .vdam import (
     Moments,
@@ -103,6 +104,7 @@ class Class3DOptions:
     write_every: int = 10
     adaptive_fraction: float = 0.999
     max_significant: int = -1  # -1: 5 K coarse poses per particle (RELION: 100 K)
+    coarse_keepsafe: float = 1.5  # coarse pass at RELION's coarse image size, this factor (RELION: 1.2); 0 = full
     batch: int = 512
     seed: int = 0
     gpu: bool = False
@@ -272,6 +274,14 @@ class _Classifier(ClassifierBase):
     def current_size(self, st: _State) -> int:
         return min(self.box, max(16, _even(2 * (st.resolution_shell + 10))))
 
+    def coarse_size(self, order: int, size: int) -> int:
+        """The coarse pass's image size at HEALPix ``order`` and current size ``size``
+        (:func:`coarse_image_size`; the full current size when ``coarse_keepsafe`` is 0)."""
+        if self.opt.coarse_keepsafe <= 0:
+            return size
+        return coarse_image_size(angular_step(order), self.opt.particle_diameter, self.px, self.box, size,
+                                 keepsafe=self.opt.coarse_keepsafe)
+
     def iterate(self, st: _State, rows: np.ndarray, fixed_class: np.ndarray | None) -> dict[str, Any]:
         """E-step over ``rows`` and the half sets' back-projected residuals and weights.
 
@@ -289,8 +299,12 @@ class _Classifier(ClassifierBase):
         rng = np.random.default_rng([opt.seed, st.it])
         mats, _ = orientations(st.order, opt.sym, perturb=0.5, rng=rng)
         oc = len(mats)
-        coarse = g.project(proj_grid, np.repeat(np.arange(self.k), oc), np.tile(mats, (self.k, 1, 1)), size)
+        c_size = self.coarse_size(st.order, size)
+        c_mask = fourier_mask(c_size, c_size / 2 - 1, xp)
+        c_inv_s2 = crop_half(score_inv_s2, c_size) * c_mask
+        coarse = g.project(proj_grid, np.repeat(np.arange(self.k), oc), np.tile(mats, (self.k, 1, 1)), c_size)
         sample = {"size": size, "mask": mask2d, "inv_s2": inv_s2, "score_inv_s2": score_inv_s2,
+                  "c_mask": c_mask, "c_inv_s2": c_inv_s2,
                   "grid": proj_grid, "coarse": coarse, "mats": mats,
                   "children": child_rotations(angular_step(st.order)),
                   "log_pi": xp.asarray(np.log(np.maximum(st.pi, 1e-30)), dtype=xp.float32)}
@@ -299,7 +313,7 @@ class _Classifier(ClassifierBase):
                "resid": np.zeros(self.box // 2 + 1), "resid_n": np.zeros(self.box // 2 + 1),
                "class_mass": np.zeros(self.k), "offset2": 0.0, "n": 0, "changed": 0,
                "spread_rot": np.zeros(self.k), "spread_trans": np.zeros(self.k), "spread_n": np.zeros(self.k),
-               "size": size}
+               "size": size, "coarse_size": c_size}
         nb = -(-rows.size // opt.batch)
         desc = f"{'iteration' if self.em else 'mini-batch'} {st.it}/{self.n_iter}"
         for r, imgs in progress(self.src.batches(opt.batch, rows), nb, desc, "batch", quiet=nb < 4):
@@ -324,7 +338,9 @@ class _Classifier(ClassifierBase):
         x = crop_half(centred_fft(centred, 2), size)
         c = crop_half(self.ctf(rows, xp), size) if self.ctf else xp.ones(x.shape, xp.float32)
         sc = self.shifts_coarse
-        logl = score_poses(x, c, sample["coarse"], sc, sample["score_inv_s2"], self.box, mask2d)  # (B, K oc, Tc)
+        c_size = sample["coarse"].shape[1]
+        logl = score_poses(crop_half(x, c_size), crop_half(c, c_size), sample["coarse"], sc, sample["c_inv_s2"],
+                           self.box, sample["c_mask"])  # (B, K oc, Tc)
         prior = xp.broadcast_to(log_pi[None, :], (b, self.k))
         if fixed is not None:
             prior = xp.where(xp.arange(self.k)[None, :] == xp.asarray(fixed)[:, None], prior, -1e30)
@@ -568,9 +584,9 @@ def class3d(opt: Class3DOptions) -> Class3DResult:
         c.maximise(st, acc, it, full)
         if c.em or it % opt.write_every == 0 or it == c.n_iter or full:
             slices = c.write(st, it)
-        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d), HEALPix order %d, classes %s, mean Pmax "
-                 "%.3f, %.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
-                 c.box * c.px / st.resolution_shell, acc["size"], st.order,
+        log.info("%s %d/%d: %d particles, resolution %.1f Å (size %d, coarse pass %d), HEALPix order %d, classes %s, "
+                 "mean Pmax %.3f, %.1f s", "iteration" if c.em else "mini-batch", it, c.n_iter, rows.size,
+                 c.box * c.px / st.resolution_shell, acc["size"], acc["coarse_size"], st.order,
                  " ".join(f"{100 * p:.0f}%" for p in st.pi), float(c.pmax[rows].mean()), time.perf_counter() - t0)
     root = c.out / f"run_it{st.it:03d}"
     result = Class3DResult([Path(f"{root}_class{k + 1:03d}.mrc") for k in range(c.k)], Path(f"{root}_model.star"),

@@ -74,17 +74,21 @@ def score_poses(images: Any, ctf: Any, projections: Any, shifts: Any, inv_sigma2
     t = shifts.shape[0]
     w = (friedel_weights(s, xp) * inv_sigma2)[mask]  # (K,)
     # X shifted by +t for every candidate offset (offsets in pixels of the full box).
-    x = shift_cropped(images, shifts, box)[:, mask]  # (B T, K)
-    c = xp.repeat(ctf[:, mask], t, axis=0)  # (B T, K)
-    a = xp.conj(x) * (c * (2.0 * w))
+    x = shift_cropped(images, shifts, box)[:, mask].reshape(b, t, -1)  # (B, T, K)
+    a = xp.conj(x) * (ctf[:, mask] * (2.0 * w))[:, None, :]
     p = projections[:, mask]  # (M, K)
-    cross = a.real @ p.real.T - a.imag @ p.imag.T  # Re(sum conj(X) C P w): (B T, M)
+    # Re(sum conj(X) C P w) as one real product of contiguous (B T, 2K) and (2K, M) operands.
+    a_ri = xp.concatenate([a.real, a.imag], axis=2).reshape(b * t, -1)
+    p_ri = xp.concatenate([p.real, -p.imag], axis=1).astype(a_ri.dtype, copy=False)
+    cross = a_ri @ p_ri.T  # (B T, M)
     c2 = ctf[:, mask] ** 2 * w  # (B, K)
     power = c2 @ (p.real**2 + p.imag**2).T  # (B, M)
-    cross = cross.reshape(b, t, -1).transpose(0, 2, 1)  # (B, M, T)
+    out = xp.empty((b, p.shape[0], t), dtype=xp.float32)  # (B, M, T): one pass transposes and subtracts
     if terms:
-        return cross, power
-    return (cross - power[:, :, None]).astype(xp.float32)
+        out[...] = cross.reshape(b, t, -1).transpose(0, 2, 1)
+        return out, power
+    xp.subtract(cross.reshape(b, t, -1).transpose(0, 2, 1), power[:, :, None], out=out)
+    return out
 
 
 def shift_cropped(images: Any, shifts: Any, box: int) -> Any:
