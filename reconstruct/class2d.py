@@ -273,7 +273,8 @@ class _Classifier(ClassifierBase):
                            c_mask)  # (B, K kc, Tc)
         tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)  # (B, Tc, 2) absolute offsets
         s2 = 2 * st.sigma_offset**2
-        logl = logl + xp.repeat(log_pi, kc)[None, :, None] - ((tot**2).sum(-1) / s2)[:, None, :]
+        logl += xp.repeat(log_pi, kc)[None, :, None]  # in place: logl is the largest array of the E-step
+        logl -= ((tot**2).sum(-1) / s2)[:, None, :]
         sig = significant_posteriors(logl, opt.adaptive_fraction, self.maxsig)
         # Oversampling: two finer angles x four finer offsets around every significant coarse pose.
         cls_e = sig.orient // kc

@@ -5,8 +5,9 @@ K classes x HEALPix orientations (the current order, RELION's grid in the group'
 randomly perturbed each time) x translations around each particle's previous offset, then every
 significant coarse pose oversampled once (8 finer orientations x 4 finer offsets), as RELION's
 adaptive oversampling, the coarse pass at RELION's coarse image size
-(:func:`reconstruct.sampling.coarse_image_size`) and the fine one at the current size -- and an M-step that back-projects, per half set (particle index mod 2), the
-residuals w c (X - c A) / sigma2 and weights w c^2 / sigma2 into the K class grids, from which
+(:func:`reconstruct.sampling.coarse_image_size`) and the fine one at the current size -- and an M-step
+that back-projects, per half set (particle index mod 2), the residuals w c (X - c A) / sigma2 and
+weights w c^2 / sigma2 into the K class grids, from which
 :mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, RELION's EM update: the data
 average Wiener-filtered with tau2 = T x the reference's power, ``--tau2_fudge`` T).  Samples of one
 fine orientation are summed before they are back-projected, so the back-projection costs at most one
@@ -346,7 +347,8 @@ class _Classifier(ClassifierBase):
             prior = xp.where(xp.arange(self.k)[None, :] == xp.asarray(fixed)[:, None], prior, -1e30)
         tot = xp.asarray(prev[:, None, :] + sc[None], dtype=xp.float32)
         s2 = 2 * st.sigma_offset**2
-        logl = logl + xp.repeat(prior, oc, axis=1)[:, :, None] - ((tot**2).sum(-1) / s2)[:, None, :]
+        logl += xp.repeat(prior, oc, axis=1)[:, :, None]  # in place: logl is the largest array of the E-step
+        logl -= ((tot**2).sum(-1) / s2)[:, None, :]
         sig = significant_posteriors(logl, opt.adaptive_fraction, self.maxsig)
         del logl
         # Oversampling: 8 finer orientations x 4 finer offsets around every significant coarse pose,
