@@ -29,12 +29,14 @@ benchmarks/results/initialmodel.md, rewritten after every run, and every finishe
 code's commit) to benchmarks/results/initialmodel_runs.json, which later invocations read: the protocol accumulates
 over sessions even when the work folder is not kept (the simulations are deterministic). Seeds run in turn across
 the sets (seed 0 of each, then seed 1, ...). Stopped runs resume: seeds already scored are kept, and a cut seed
-goes on from its last written mini-batch.
+goes on from its last written mini-batch. Two invocations can share the cores: give the second a --first_seed
+(e.g. 5 with --seeds 10) so they never run the same seed; both write the same record and table.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -118,9 +120,13 @@ def prepare_set(name: str, args: argparse.Namespace) -> tuple[np.ndarray, float,
     local = [{**r, "settings": _settings(args)} for r in (json.loads(runs.read_text()) if runs.exists() else [])]
     kept = {_key(r) for r in local}
     known = [r for r in _read_record(args) if _key(r) not in kept] + local
-    rows = [r for r in known if r["set"] == name and r.get("settings") == _settings(args) and r["seed"] < args.seeds
+    return truth, limit, _matching(known, [name], args)
+
+
+def _matching(rows: list[dict], sets: list[str], args: argparse.Namespace) -> list[dict]:
+    """The runs of ``sets`` made with this invocation's settings, mini-batches and device, seeds below --seeds."""
+    return [r for r in rows if r["set"] in sets and r.get("settings") == _settings(args) and r["seed"] < args.seeds
             and (_program(r) == "relion" or (r.get("iter") == args.iter and r.get("gpu") == args.gpu))]
-    return truth, limit, rows
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -143,14 +149,18 @@ def _read_record(args: argparse.Namespace) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _add_to_record(row: dict, args: argparse.Namespace) -> None:
-    """Add (or replace) one finished run in the record; written atomically."""
-    rows = [r for r in _read_record(args) if _key(r) != _key(row)] + [row]
-    rows.sort(key=lambda r: (r["set"], r["seed"], _program(r), json.dumps(r.get("settings"))))
+def _add_to_record(row: dict, args: argparse.Namespace) -> list[dict]:
+    """Add (or replace) one finished run in the record, written atomically under a lock (several invocations
+    may share it, e.g. one per core with different --first_seed); returns the whole record."""
     path = _record_path(args)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [r for r in _read_record(args) if _key(r) != _key(row)] + [row]
+        rows.sort(key=lambda r: (r["set"], r["seed"], _program(r), json.dumps(r.get("settings"))))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        tmp.replace(path)
+    return rows
 
 
 def _commit() -> str | None:
@@ -310,7 +320,9 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS))
-    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 make the table")
+    p.add_argument("--first_seed", type=int, default=0,
+                   help="run seeds from this one on (another invocation can run the lower ones on another core)")
     p.add_argument("--iter", type=int, default=200, help="VDAM mini-batches per run")
     p.add_argument("--n", type=int, default=4000, help="particles per set")
     p.add_argument("--box", type=int, default=48)
@@ -333,13 +345,14 @@ def main() -> None:
         _add_to_record(row, args)
     # Seed by seed across the sets, so a partial run (the protocol takes hours on a CPU) covers every set.
     programs = {"ours": run_seed, **({"relion": run_relion_seed} if args.relion else {})}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for name, (truth, limit, _) in sets.items():
             for program, run in programs.items():
                 if any(r["set"] == name and r["seed"] == seed and _program(r) == program for r in rows):
                     continue
                 rows.append({**run(name, seed, truth, limit, args), "settings": _settings(args), "commit": commit})
-                _add_to_record(rows[-1], args)
+                # The table shows the record's runs, so it includes those another invocation finished meanwhile.
+                rows = _matching(_add_to_record(rows[-1], args), list(sets), args)
                 print(f"table: {write_table(rows, args)}")
     print(f"table: {write_table(rows, args)}")
 
