@@ -29,13 +29,15 @@ benchmarks/results/initialmodel.md, rewritten after every run, and every finishe
 code's commit) to benchmarks/results/initialmodel_runs.json, which later invocations read: the protocol accumulates
 over sessions even when the work folder is not kept (the simulations are deterministic). Seeds run in turn across
 the sets (seed 0 of each, then seed 1, ...). Stopped runs resume: seeds already scored are kept, and a cut seed
-goes on from its last written mini-batch. Two invocations can share the cores: give the second a --first_seed
-(e.g. 5 with --seeds 10) so they never run the same seed; both write the same record and table.
+goes on from its last written mini-batch. Two invocations can share the cores: each run is locked while it runs,
+so the other skips it and takes the next (--first_seed N starts from seed N); both write the same record and
+table. ``--table_only`` rewrites the table from the record without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -43,6 +45,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +166,20 @@ def _add_to_record(row: dict, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _claim(set_dir: Path, seed: int, program: str) -> Iterator[bool]:
+    """Hold an exclusive lock on one run (set, seed, program) while it runs; yields False, holding nothing,
+    when another invocation holds it, so two invocations on the same work folder never run the same seed."""
+    set_dir.mkdir(parents=True, exist_ok=True)
+    with open(set_dir / f"{program}_seed{seed}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def _commit() -> str | None:
     """The code's git commit, stored with each run (results may change with the code); taken when the
     benchmark starts, since the code it runs is the code it imported then, with "+modified" when the
@@ -261,6 +278,10 @@ def _program(row: dict) -> str:
     return row.get("program", "ours")
 
 
+def _has_run(rows: list[dict], name: str, seed: int, program: str) -> bool:
+    return any(r["set"] == name and r["seed"] == seed and _program(r) == program for r in rows)
+
+
 def _table_rows(all_rows: list[dict], sets: list[str], program: str) -> list[str]:
     """One Markdown row per set with runs of ``program``: successes, FSC 0.5 and CC per seed, median wall time, and
     the commit of the code each seed ran ("?" where not recorded)."""
@@ -270,12 +291,14 @@ def _table_rows(all_rows: list[dict], sets: list[str], program: str) -> list[str
         if not rows:
             continue
         ok = sum(r["success"] for r in rows)
+        seeds = ", ".join(str(r["seed"]) for r in rows)
         resol = ", ".join(f"{r['fsc05_A']:.1f}" for r in rows)
         cc = ", ".join(f"{r['cc']:.2f}" for r in rows)
         limit = rows[0].get("limit_A")
         code = ", ".join(r.get("commit") or "?" for r in rows)
-        lines.append(f"| {name} | {'n/a' if limit is None else f'{limit:.1f} Å'} | {ok}/{len(rows)} | {resol} | {cc} | "
-                     f"{np.median([r['wall_s'] for r in rows]):.0f} s | {code} |")
+        shown = "n/a" if limit is None else f"{limit:.1f} Å"
+        lines.append(f"| {name} | {shown} | {ok}/{len(rows)} | {seeds} | {resol} | {cc} |"
+                     f" {np.median([r['wall_s'] for r in rows]):.0f} s | {code} |")
     return lines
 
 
@@ -291,8 +314,8 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
              "True-pose limit: where the masked FSC of two half-set reconstructions of the model's particles at "
              "their true poses falls to 0.143 -- the finest FSC-0.5 match to the truth any program could reach on "
              "the set.", "",
-             "| set | true-pose limit | successes | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall time "
-             "per run | code per seed |", "|---|---|---|---|---|---|---|"]
+             "| set | true-pose limit | successes | seeds | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall "
+             "time per run | code per seed |", "|---" * 8 + "|"]
     lines += _table_rows(all_rows, args.sets, "ours")
     relion = [r for r in all_rows if _program(r) == "relion" and r["set"] in args.sets]
     if relion:
@@ -300,8 +323,8 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
                   "--denovo_3dref`, its GUI's defaults: 50 + 200 + 50 SGD iterations on subsets of 100 then 500, "
                   "resolution cut at 35 then 15 Å; K 3 like ours, its most populated class scored the same way; "
                   "RELION 3.1 has no VDAM, and its 15 Å cut keeps it from 12 Å by design):", "",
-                  "| set | true-pose limit | successes | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall "
-                  "time per run | code per seed | ours faster (wall, same seeds) |", "|---" * 8 + "|"]
+                  "| set | true-pose limit | successes | seeds | FSC 0.5 vs truth per seed (Å) | CC per seed | median "
+                  "wall time per run | code per seed | ours faster (wall, same seeds) |", "|---" * 9 + "|"]
         ours = {(r["set"], r["seed"]): r["wall_s"] for r in all_rows if _program(r) == "ours"}
         for name in args.sets:
             pairs = [(r["wall_s"], ours[(name, r["seed"])]) for r in relion
@@ -334,7 +357,13 @@ def main() -> None:
                    help="work directory (default benchmarks/out/initialmodel; elsewhere, the table goes there too)")
     p.add_argument("--relion", action="store_true",
                    help="after each of our runs, RELION 3.1's InitialModel job (SGD) on the same particles and seed")
+    p.add_argument("--table_only", action="store_true",
+                   help="rewrite the table from the record of finished runs and stop (nothing is run)")
     args = p.parse_args()
+    if args.table_only:
+        rows = _matching(_read_record(args), args.sets, args)
+        print(f"table: {write_table(rows, args)}")
+        return
     if args.relion and not shutil.which("relion_refine"):
         p.error("--relion needs relion_refine on PATH (apt-get install relion)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -348,9 +377,16 @@ def main() -> None:
     for seed in range(args.first_seed, args.seeds):
         for name, (truth, limit, _) in sets.items():
             for program, run in programs.items():
-                if any(r["set"] == name and r["seed"] == seed and _program(r) == program for r in rows):
+                if _has_run(rows, name, seed, program):
                     continue
-                rows.append({**run(name, seed, truth, limit, args), "settings": _settings(args), "commit": commit})
+                with _claim(Path(args.out).resolve() / name, seed, program) as mine:
+                    if not mine:
+                        logging.info("%s seed %d (%s) is running in another invocation: skipped", name, seed, program)
+                        continue
+                    if _has_run(_matching(_read_record(args), [name], args), name, seed, program):
+                        continue  # another invocation finished it meanwhile
+                    row = run(name, seed, truth, limit, args)
+                rows.append({**row, "settings": _settings(args), "commit": commit})
                 # The table shows the record's runs, so it includes those another invocation finished meanwhile.
                 rows = _matching(_add_to_record(rows[-1], args), list(sets), args)
                 print(f"table: {write_table(rows, args)}")
