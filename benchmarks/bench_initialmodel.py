@@ -80,6 +80,9 @@ def _simulate(name: str, out: Path, args: argparse.Namespace) -> np.ndarray:
     truth = out / "truth_model.mrc"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return read_map(truth)[0]
+    if out.is_dir() and any(_held(lock) for lock in out.glob("*_seed*.lock")):
+        raise SystemExit(f"{out} holds runs of another invocation on other particles (not {params}): "
+                         "give this one its own --out")
     shutil.rmtree(out, ignore_errors=True)  # runs on other particles must be neither kept nor continued
     out.mkdir(parents=True)
     maps = [protein_map(p, args.box, args.angpix) for p in proteins]
@@ -113,16 +116,32 @@ def information_limit(name: str, out: Path, args: argparse.Namespace) -> float:
     return limit
 
 
+def _held(lock: Path) -> bool:
+    """Whether another process holds ``lock`` (a run's :func:`_claim`)."""
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def prepare_set(name: str, args: argparse.Namespace) -> tuple[np.ndarray, float, list[dict]]:
-    """One set's truth map, true-pose limit and the runs already scored with these settings."""
+    """One set's truth map, true-pose limit and the runs already scored with these settings; the set is
+    prepared under a lock, so two invocations starting together simulate it once."""
     out = Path(args.out).resolve() / name
-    truth = _simulate(name, out, args)
-    limit = information_limit(name, out, args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{name}.prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        truth = _simulate(name, out, args)
+        limit = information_limit(name, out, args)
     logging.info("%s: true-pose limit %.1f Å (success needs %.1f Å)", name, limit, 3 * args.angpix)
     runs = out / "runs.json"  # this work folder's runs (kept before the record below existed)
     local = [{**r, "settings": _settings(args)} for r in (json.loads(runs.read_text()) if runs.exists() else [])]
-    kept = {_key(r) for r in local}
-    known = [r for r in _read_record(args) if _key(r) not in kept] + local
+    record = _read_record(args)
+    kept = {_key(r) for r in record}
+    known = record + [r for r in local if _key(r) not in kept]
     return truth, limit, _matching(known, [name], args)
 
 
@@ -152,18 +171,28 @@ def _read_record(args: argparse.Namespace) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _add_to_record(row: dict, args: argparse.Namespace) -> list[dict]:
-    """Add (or replace) one finished run in the record, written atomically under a lock (several invocations
-    may share it, e.g. one per core with different --first_seed); returns the whole record."""
-    path = _record_path(args)
-    with open(path.with_suffix(".lock"), "w") as lock:
+@contextlib.contextmanager
+def _record_lock(args: argparse.Namespace) -> Iterator[None]:
+    """Hold the record's lock: several invocations may share the record and the table (one per core, say)."""
+    with open(_record_path(args).with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = [r for r in _read_record(args) if _key(r) != _key(row)] + [row]
-        rows.sort(key=lambda r: (r["set"], r["seed"], _program(r), json.dumps(r.get("settings"))))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp.replace(path)
+        yield
+
+
+def _add_to_record(row: dict, args: argparse.Namespace) -> list[dict]:
+    """Add (or replace) one finished run in the record, written atomically; call it holding
+    :func:`_record_lock`. Returns the whole record."""
+    path = _record_path(args)
+    rows = [r for r in _read_record(args) if _key(r) != _key(row)] + [row]
+    rows.sort(key=lambda r: (r["set"], r["seed"], _program(r), json.dumps(r.get("settings"))))
+    _write_atomic(path, json.dumps(rows, indent=1) + "\n")
     return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -198,25 +227,28 @@ def run_seed(name: str, seed: int, truth: np.ndarray, limit: float, args: argpar
 
     A run that was stopped goes on from its last written mini-batch (``--continue``); its wall time is then
     the sum of its segments, each up to its last finished write-out (time lost to the interruption is not
-    counted)."""
+    counted), its CPU time is not recorded, and its code is the commits of all segments ("a>b")."""
     out = Path(args.out).resolve() / name
     _, _, sym, diameter = SETS[name]
     job = out / f"InitialModel/seed{seed}"
-    resume, spent = _spent_before(job, args.iter, args.gpu)
-    start = time.time()
+    resume, spent, commits = _spent_before(job, args.iter, args.gpu)
+    commits.append(args.commit or "?")
+    start, cpu = time.time(), time.process_time()
     job.parent.mkdir(parents=True, exist_ok=True)
     (job.parent / f"seed{seed}.start").write_text(json.dumps({"start": start, "spent_s": spent, "iter": args.iter,
-                                                              "gpu": args.gpu}))
+                                                              "gpu": args.gpu, "commits": commits}))
     res = class3d(Class3DOptions(star=out / "Extract/job001/particles.star", out=job, particle_diameter=diameter,
                                  n_iter=args.iter, align_sym=sym, seed=seed, gpu=args.gpu, project_dir=out,
                                  resume=resume))
     wall = spent + time.time() - start
+    cpu = None if resume else time.process_time() - cpu
     model, _ = read_map(res.initial_model)
     al = align_maps(model, truth, args.angpix)
     resol = resolution_at(al.fsc, args.box, args.angpix, 0.5).angstrom
     row = {"set": name, "seed": seed, "iter": args.iter, "gpu": args.gpu, "wall_s": wall, "fsc05_A": resol,
            "cc": al.correlation, "mirrored": al.mirrored, "largest_class": float(res.class_distribution.max()),
-           "resumed": resume, "limit_A": limit, "success": resol <= 3 * args.angpix + 1e-6}
+           "resumed": resume, "limit_A": limit, "success": resol <= 3 * args.angpix + 1e-6, "cpu_s": cpu,
+           "commit": ">".join(dict.fromkeys(commits))}
     logging.info("%s seed %d: %.0f s, FSC 0.5 at %.1f Å (CC %.3f) -> %s", name, seed, wall, resol, al.correlation,
                  "success" if row["success"] else "failure")
     return row
@@ -261,17 +293,18 @@ def run_relion_seed(name: str, seed: int, truth: np.ndarray, limit: float, args:
     return row
 
 
-def _spent_before(job: Path, n_iter: int, gpu: bool) -> tuple[bool, float]:
-    """Whether a stopped run of ``job`` can go on (same mini-batches and device, an iteration written), and
-    the seconds it had spent up to its last written iteration: from its segment's start to that iteration's
-    optimiser.star (the file class3d writes last and resumes from), plus earlier segments' time."""
+def _spent_before(job: Path, n_iter: int, gpu: bool) -> tuple[bool, float, list[str]]:
+    """Whether a stopped run of ``job`` can go on (same mini-batches and device, an iteration written), the
+    seconds it had spent up to its last written iteration (from its segment's start to that iteration's
+    optimiser.star, the file class3d writes last and resumes from, plus earlier segments' time) and the
+    commits its segments ran ("?" where not recorded)."""
     stamp = job.parent / f"{job.name}.start"
     seg = json.loads(stamp.read_text()) if stamp.exists() else {}
     written = sorted(job.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
     if not written or seg.get("iter") != n_iter or seg.get("gpu") != gpu:
         shutil.rmtree(job, ignore_errors=True)
-        return False, 0.0
-    return True, seg["spent_s"] + max(0.0, written[-1].stat().st_mtime - seg["start"])
+        return False, 0.0, []
+    return True, seg["spent_s"] + max(0.0, written[-1].stat().st_mtime - seg["start"]), seg.get("commits", ["?"])
 
 
 def _program(row: dict) -> str:
@@ -297,8 +330,10 @@ def _table_rows(all_rows: list[dict], sets: list[str], program: str) -> list[str
         limit = rows[0].get("limit_A")
         code = ", ".join(r.get("commit") or "?" for r in rows)
         shown = "n/a" if limit is None else f"{limit:.1f} Å"
+        cpu = [r["cpu_s"] for r in rows if r.get("cpu_s") is not None]
+        cpu_text = f"{np.median(cpu):.0f} s ({len(cpu)} of {len(rows)})" if cpu else "n/a"
         lines.append(f"| {name} | {shown} | {ok}/{len(rows)} | {seeds} | {resol} | {cc} |"
-                     f" {np.median([r['wall_s'] for r in rows]):.0f} s | {code} |")
+                     f" {np.median([r['wall_s'] for r in rows]):.0f} s | {cpu_text} | {code} |")
     return lines
 
 
@@ -315,7 +350,7 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
              "their true poses falls to 0.143 -- the finest FSC-0.5 match to the truth any program could reach on "
              "the set.", "",
              "| set | true-pose limit | successes | seeds | FSC 0.5 vs truth per seed (Å) | CC per seed | median wall "
-             "time per run | code per seed |", "|---" * 8 + "|"]
+             "time per run | median CPU time per run (runs) | code per seed |", "|---" * 9 + "|"]
     lines += _table_rows(all_rows, args.sets, "ours")
     relion = [r for r in all_rows if _program(r) == "relion" and r["set"] in args.sets]
     if relion:
@@ -324,19 +359,23 @@ def write_table(all_rows: list[dict], args: argparse.Namespace) -> Path:
                   "resolution cut at 35 then 15 Å; K 3 like ours, its most populated class scored the same way; "
                   "RELION 3.1 has no VDAM, and its 15 Å cut keeps it from 12 Å by design):", "",
                   "| set | true-pose limit | successes | seeds | FSC 0.5 vs truth per seed (Å) | CC per seed | median "
-                  "wall time per run | code per seed | ours faster (wall, same seeds) |", "|---" * 9 + "|"]
+                  "wall time per run | median CPU time per run (runs) | code per seed | ours faster (wall, same "
+                  "seeds) |", "|---" * 10 + "|"]
         ours = {(r["set"], r["seed"]): r["wall_s"] for r in all_rows if _program(r) == "ours"}
         for name in args.sets:
             pairs = [(r["wall_s"], ours[(name, r["seed"])]) for r in relion
                      if r["set"] == name and (name, r["seed"]) in ours]
             ratio = f"{np.median([a / b for a, b in pairs]):.1f}x" if pairs else "n/a"
             lines += [f"{line} {ratio} |" for line in _table_rows(all_rows, [name], "relion")]
+    lines += ["", "Wall times depend on what else ran on the machine (two invocations share its cores when run as "
+              "the docstring says); CPU time is each run's own, recorded since 2026-12-04 for runs not resumed. "
+              "Code: the commit of the code each run used (\"a>b\": a stopped run resumed under newer code)."]
     resumed = sum(r.get("resumed", False) for r in all_rows if r["set"] in args.sets)
     if resumed:
         lines += ["", f"{resumed} run(s) were stopped and went on from their last written mini-batch: their wall time "
                   "is the sum of their segments, each up to its last write-out."]
     path = table_path("initialmodel.md", Path(args.out), DEFAULT_OUT)
-    path.write_text("\n".join(lines) + "\n")
+    _write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -360,18 +399,20 @@ def main() -> None:
     p.add_argument("--table_only", action="store_true",
                    help="rewrite the table from the record of finished runs and stop (nothing is run)")
     args = p.parse_args()
+    if not 0 <= args.first_seed < args.seeds:
+        p.error(f"--first_seed must be between 0 and --seeds - 1 ({args.seeds - 1})")
     if args.table_only:
-        rows = _matching(_read_record(args), args.sets, args)
-        print(f"table: {write_table(rows, args)}")
+        _write_table_from_record(args, args.sets)
         return
     if args.relion and not shutil.which("relion_refine"):
         p.error("--relion needs relion_refine on PATH (apt-get install relion)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    commit = _commit()
+    args.commit = _commit()
     sets = {name: prepare_set(name, args) for name in args.sets}
     rows = [r for _, _, done in sets.values() for r in done]
-    for row in rows:  # runs found only in a work folder's runs.json go into the record too
-        _add_to_record(row, args)
+    with _record_lock(args):
+        for row in rows:  # runs found only in a work folder's runs.json go into the record too
+            _add_to_record(row, args)
     # Seed by seed across the sets, so a partial run (the protocol takes hours on a CPU) covers every set.
     programs = {"ours": run_seed, **({"relion": run_relion_seed} if args.relion else {})}
     for seed in range(args.first_seed, args.seeds):
@@ -386,11 +427,17 @@ def main() -> None:
                     if _has_run(_matching(_read_record(args), [name], args), name, seed, program):
                         continue  # another invocation finished it meanwhile
                     row = run(name, seed, truth, limit, args)
-                rows.append({**row, "settings": _settings(args), "commit": commit})
+                rows.append({"settings": _settings(args), "commit": args.commit, **row})
                 # The table shows the record's runs, so it includes those another invocation finished meanwhile.
-                rows = _matching(_add_to_record(rows[-1], args), list(sets), args)
-                print(f"table: {write_table(rows, args)}")
-    print(f"table: {write_table(rows, args)}")
+                with _record_lock(args):
+                    rows = _matching(_add_to_record(rows[-1], args), list(sets), args)
+                    print(f"table: {write_table(rows, args)}")
+    _write_table_from_record(args, list(sets))
+
+
+def _write_table_from_record(args: argparse.Namespace, sets: list[str]) -> None:
+    with _record_lock(args):
+        print(f"table: {write_table(_matching(_read_record(args), sets, args), args)}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
 """3D classification: RELION's InitialModel job (VDAM from Gaussian blobs) and Class3D job (EM or VDAM).
 
-Each mini-batch (or EM iteration): an E-step over every particle of the batch -- a coarse search over
-K classes x HEALPix orientations (the current order, RELION's grid in the group's asymmetric unit,
-randomly perturbed each time) x translations around each particle's previous offset, then every
-significant coarse pose oversampled once (8 finer orientations x 4 finer offsets), as RELION's
-adaptive oversampling, the coarse pass at RELION's coarse image size
-(:func:`reconstruct.sampling.coarse_image_size`) and the fine one at the current size -- and an M-step
-that back-projects, per half set (particle index mod 2), the residuals w c (X - c A) / sigma2 and
-weights w c^2 / sigma2 into the K class grids, from which
-:mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``, RELION's EM update: the data
-average Wiener-filtered with tau2 = T x the reference's power, ``--tau2_fudge`` T).  Samples of one
-fine orientation are summed before they are back-projected, so the back-projection costs at most one
-slice per distinct fine orientation per batch.  Nothing loops over particles or poses in Python.
+Each mini-batch (or EM iteration): an E-step over every particle of the batch -- a coarse search over K
+classes x HEALPix orientations (the current order, RELION's grid in the group's asymmetric unit, randomly
+perturbed each time) x translations around each particle's previous offset, then every significant coarse pose
+oversampled once (8 finer orientations x 4 finer offsets), as RELION's adaptive oversampling, the coarse pass
+at a coarse image size by RELION's rule with a safety factor of 1.5 (RELION's 3D: 1.2;
+:func:`reconstruct.sampling.coarse_image_size`) and the fine one at the current size -- and an M-step that
+back-projects, per half set (particle index mod 2), the residuals w c (X - c A) / sigma2 and weights w c^2 /
+sigma2 into the K class grids, from which :mod:`reconstruct.vdam` takes one step (or, with ``--algorithm em``,
+RELION's EM update: the data average Wiener-filtered with tau2 = T x the reference's power, ``--tau2_fudge``
+T). Samples of one fine orientation are summed before they are back-projected, so the back-projection costs at
+most one slice per distinct fine orientation per batch. Nothing loops over particles or poses in Python.
 
 The initial model starts from K references of random Gaussian blobs on the grey-scale of a
 reconstruction of the data at random orientations (RELION's ``--denovo_3dref``); the sampling gets

@@ -59,6 +59,8 @@ class ClassifierBase(ParticleJob):
             raise ValueError(f"--algorithm must be vdam or em, not {opt.algorithm!r}")
         if opt.n_classes < 1:
             raise ValueError("--K must be at least 1")
+        if not opt.particle_diameter > 0:
+            raise ValueError(f"--particle_diameter must be positive (Å), not {opt.particle_diameter:g}")
         self.opt = opt
         self.em = opt.algorithm == "em"
         self.open_particles(opt)

@@ -210,3 +210,9 @@ def test_relion_interop(mixture, tmp_path):
     scored = {k + 1 for k in range(3) if soft_n[k] > 10}
     assert {k + 1 for k in range(3) if ranked.rlnClassScore.iloc[k] > -999} == scored
     assert n_sel == int(data.rlnClassNumber.isin(scored).sum())
+
+
+@pytest.mark.parametrize("diameter", [0.0, -150.0])
+def test_a_particle_diameter_that_is_not_positive_is_refused(tmp_path, diameter):
+    with pytest.raises(ValueError, match="--particle_diameter must be positive"):
+        class2d(Class2DOptions(star=tmp_path / "particles.star", out=tmp_path / "Class2D", particle_diameter=diameter))
