@@ -1,0 +1,83 @@
+"""Where the class ranker's scores miss on held-out jobs: per category, sharp vs blurred, and the job's quality.
+
+Scores the held-out group of a corpus (default: the TCR-HLA jobs of `ranker make-corpus`) with a model (default:
+the shipped one) and prints
+
+- MSE and Spearman against the targets, and each truth category's class count, mean target and mean score;
+- how well the scores separate pure good views (category 1) from blurred classes of good particles (3), as an
+  AUC, beside the same AUC from the job's quality J alone (a model that only read the data set's quality);
+- whether J can be read off the features: the Spearman correlation between J and a per-job estimate of the
+  particles' SNR from each class average's protein and solvent standard deviations and its particle count,
+  (protein std^2 - solvent std^2) / solvent std^2 / N, median over the job's classes.
+
+    python benchmarks/ranker_diagnostics.py --corpus benchmarks/out/ranker_corpus/corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+from sklearn.metrics import mean_squared_error, roc_auc_score
+
+from ranker.features import FEATURE_MEAN, FEATURE_NAMES, FEATURE_STD
+from ranker.model_store import load_model
+from ranker.score import predict, zero_granulometry
+from training.data import Samples, load_samples
+from training.targets import BEST, BLURRED, CATEGORY_NAMES
+
+
+def snr_estimate(s: Samples) -> np.ndarray:
+    """Per class, log of (protein std^2 - solvent std^2) / solvent std^2 / N: the class average's signal-to-noise
+    divided by its particle count, i.e. about the particles' SNR (raw features: undo RELION's normalisation)."""
+    idx = [FEATURE_NAMES.index(n) for n in ("protein_std", "solvent_std")]
+    protein, solvent = (s.features[:, i] * FEATURE_STD[i] + FEATURE_MEAN[i] for i in idx)
+    ratio = np.maximum(protein**2 - solvent**2, 1e-6) / np.maximum(solvent**2, 1e-9)
+    return np.log(ratio / np.maximum(s.sizes, 1))
+
+
+def job_scores(s: Samples, corpus: Path) -> np.ndarray:
+    """Each class's job score J (first line of its job's job_score.txt)."""
+    j = {name: float((corpus / name / "job_score.txt").read_text().split()[0]) for name in np.unique(s.job)}
+    return np.array([j[name] for name in s.job])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", required=True, help="corpus directory (ranker make-corpus --o)")
+    ap.add_argument("--group", default="tcr_hla", help="held-out protein whose jobs are scored (default tcr_hla)")
+    ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--cache", default=None, help="directory for the per-job sample cache (default: none)")
+    a = ap.parse_args()
+    corpus = Path(a.corpus)
+    samples = load_samples([corpus], Path(a.cache) if a.cache else None)
+    test = samples.subset(samples.group == a.group)
+    if len(test) == 0:
+        raise SystemExit(f"no jobs of {a.group!r} in {corpus}")
+    model = load_model(a.model)
+    feats = zero_granulometry(test.features) if model.zero_granulometry else test.features
+    pred = predict(model.net, test.images, feats).ravel()
+    j = job_scores(test, corpus)
+    print(f"{a.group}: {np.unique(test.job).size} jobs, {len(test)} classes; MSE "
+          f"{mean_squared_error(test.targets, pred):.4f}, Spearman {spearmanr(pred, test.targets).statistic:.3f}")
+    rows = [{"category": f"{c} {CATEGORY_NAMES.get(int(c), '?')}", "classes": int((test.categories == c).sum()),
+             "mean target": test.targets[test.categories == c].mean(), "mean score": pred[test.categories == c].mean()}
+            for c in np.unique(test.categories)]
+    print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))
+    sharp = np.isin(test.categories, (BEST, BLURRED))
+    if len(np.unique(test.categories[sharp])) == 2:
+        best = test.categories[sharp] == BEST
+        print(f"AUC pure good (1) vs blurred (3): by score {roc_auc_score(best, pred[sharp]):.3f}, by the job score J "
+              f"alone {roc_auc_score(best, j[sharp]):.3f}")
+    est = pd.Series(snr_estimate(samples)).groupby(samples.job).transform("median").to_numpy()
+    j_all = job_scores(samples, corpus)
+    for name, mask in (("held-out", samples.group == a.group), ("training-protein", samples.group != a.group)):
+        first = mask & ~pd.Series(samples.job).duplicated().to_numpy()  # one row per job
+        print(f"Spearman(J, job-median SNR estimate), {name} jobs: {spearmanr(est[first], j_all[first]).statistic:.3f}")
+
+
+if __name__ == "__main__":
+    main()
