@@ -56,6 +56,7 @@ from _timing import children_cpu
 from reconstruct.align_maps import align_maps
 from reconstruct.backend import gpu_available
 from reconstruct.class3d import Class3DOptions, class3d
+from reconstruct.files.atomic import atomic_path
 from reconstruct.files.mrc import read_map, write_map
 from reconstruct.files.star import read_star, write_star
 from reconstruct.fsc import fsc, resolution_at
@@ -190,9 +191,8 @@ def _add_to_record(row: dict, args: argparse.Namespace) -> list[dict]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager
