@@ -109,6 +109,19 @@ def test_heterogeneous_fractions(tmp_path):
     assert len(t.maps) == 2 and (tmp_path / "truth/map_01.mrc").exists()
 
 
+def test_truth_table_without_images_is_the_simulations(tmp_path):
+    """particle_truth_table draws what simulate_particles writes as truth, without making images."""
+    from reconstruct.simulate.particles import particle_truth_table
+
+    a, b = model_map(ADK_CLOSED, 32, 3.0), model_map(ADK_OPEN, 32, 3.0)
+    cfg = ParticleSimulation(n_particles=230, box=32, pixel_size=3.0, junk_fraction=0.2, neighbour_fraction=0.1,
+                             fractions=[0.6, 0.4], particles_per_micrograph=70, seed=8)
+    written = simulate_particles([a, b], cfg, tmp_path).table
+    drawn = particle_truth_table(cfg, 2)
+    assert "rlnCoordinateX" not in drawn.columns  # drawn after the images: not reproduced
+    pd.testing.assert_frame_equal(drawn, written[drawn.columns], check_dtype=False)
+
+
 def test_movies_have_drift_and_particles(tmp_path):
     vol = model_map(ADK_CLOSED, 40, 1.5)
     cfg = MovieSimulation(n_movies=1, size=256, pixel_size=1.5, n_frames=8, particles_per_movie=6,
