@@ -124,15 +124,31 @@ def test_target_scores_follow_relions_formula():
 
 
 def test_class_categories_from_truth():
-    n = 40
-    truth = pd.DataFrame({"category": ["good"] * 20 + ["ice"] * 12 + ["neighbour"] * 8,
-                          "rlnAngleRot": np.r_[np.full(10, 10.0), np.linspace(-180, 180, 10), np.zeros(20)],
-                          "rlnAngleTilt": np.r_[np.full(10, 90.0), np.linspace(0, 180, 10), np.zeros(20)]})
-    classes = np.r_[np.full(10, 1), np.full(10, 2), np.full(12, 3), np.full(8, 4)]
-    cats = class_categories(classes, truth, 5, match=np.array([0.99, 0.8, 0.99, 0.99, 1.0]))
-    assert list(cats.category) == [1, 3, 6, 4, 0]  # pure and sharp, good but blurred, junk, neighbours, empty
-    assert cats.spread[0] < 1 < 30 < cats.spread[1]  # one view vs many
-    assert cats.n.sum() == n
+    """Categories from the truth make-up, blurred judged against the job's typical pure class."""
+    m = 12
+    truth = pd.DataFrame({"category": ["good"] * 4 * m + ["ice"] * m + ["neighbour"] * m,
+                          "rlnAngleRot": np.r_[np.full(3 * m, 10.0), np.linspace(-180, 180, m), np.zeros(2 * m)],
+                          "rlnAngleTilt": np.r_[np.full(3 * m, 90.0), np.linspace(0, 180, m), np.zeros(2 * m)]})
+    classes = np.repeat([1, 2, 3, 4, 5, 6], m)
+    # blur resolutions (Å): three pure classes near 10 Å, one twice as coarse, the rest without protein
+    blur = np.array([10.0, 11.0, 9.0, 20.0, np.nan, 10.0, np.nan])
+    cats = class_categories(classes, truth, 7, blur=blur)
+    # pure and sharp x3, good but blurred, junk, neighbours, empty
+    assert list(cats.category) == [1, 1, 1, 3, 6, 4, 0]
+    assert cats.spread[0] < 1 < 30 < cats.spread[3]  # one view vs many
+    assert cats.n.sum() == 6 * m
+    assert (class_categories(classes, truth, 7).category != 3).all()  # no blur measured: none blurred
+
+
+def test_blurred_is_relative_to_the_jobs_pure_classes():
+    from training.targets import BLUR_FACTOR, blurred_classes
+
+    good, n = np.array([1.0, 1.0, 0.9, 0.95, 0.5]), np.array([50, 50, 50, 8, 50])
+    blur = np.array([10.0, 12.0, 14.0, 100.0, 10.0 * BLUR_FACTOR * 1.1])
+    # median of the pure classes with > 10 particles: 12 Å; the small class does not count towards it
+    assert list(blurred_classes(blur, good, n)) == [False, False, False, True, False]
+    assert list(blurred_classes(blur * 2, good, n)) == [False, False, False, True, False]  # scale-free
+    assert not blurred_classes(blur, np.full(5, 0.5), n).any()  # no pure class: nothing to judge against
 
 
 def _one_view_truth(n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -148,7 +164,7 @@ def test_ideal_class_averages_bring_particles_into_the_class_frame():
     found exactly average to that view's projection (rotated by what the classification left over); the
     same particles at wrong angles blur, which the view match sees; junk contributes nothing."""
     from reconstruct.projector import Projector
-    from training.targets import MIN_VIEW_MATCH, ideal_class_averages, view_match
+    from training.targets import blur_resolution, ideal_class_averages, view_match
 
     box, px, n = 32, 4.0, 40
     vol = model_map(ADK_OPEN, box, px)  # elongated: its in-plane average looks like no single view
@@ -164,7 +180,10 @@ def test_ideal_class_averages_bring_particles_into_the_class_frame():
     corr = np.corrcoef(ideal[0].ravel(), view.ravel())[0, 1]
     assert corr > 0.999
     match = view_match(ideal, vol, px, 100.0)
-    assert match[0] > 0.99 and match[1] < MIN_VIEW_MATCH
+    assert match[0] > 0.99 and match[1] < 0.95
+    blur = blur_resolution(ideal, vol, px, 100.0)
+    assert blur[0] < 3 * px < 6 * px < blur[1], blur  # one view to near Nyquist; the smeared one is not
+    assert np.isnan(blur[2:]).all()  # no protein particles
     assert not ideal[2].any() and not ideal[3].any()  # junk only; empty
     with pytest.raises(ValueError, match="not in the classification"):
         ideal_class_averages(truth, data.iloc[1:], vol, px, 4)
@@ -193,6 +212,33 @@ def test_ideal_class_averages_agree_with_a_real_classification(tmp_path):
     used = np.bincount(data.rlnClassNumber, minlength=4)[1:] > 10
     corr = [np.corrcoef(ideal[k].ravel(), avg[k].ravel())[0, 1] for k in np.nonzero(used)[0]]
     assert used.sum() >= 2 and min(corr) > 0.9, corr
+
+
+@pytest.mark.slow
+def test_corpus_job_is_recategorised_from_its_truth_drawn_again(tmp_path, monkeypatch):
+    """A corpus job made, then its blur measurements lost (as in a corpus made before them): recategorise
+    draws the truth again without images and gets the same measurements and categories; a job whose
+    simulation no longer matches what it classified is refused, not relabelled."""
+    from training import corpus
+
+    monkeypatch.setattr(corpus, "protein_map", lambda name, box, px: model_map(ADK_CLOSED, box, px))
+    job = corpus.CorpusJob(name="adk_closed_0000", protein="adk_closed", n_particles=240, box=32, pixel_size=3.0,
+                           diameter=75.0, snr=0.5, junk_fraction=0.2, neighbour_fraction=0.1, defocus_min=8000.0,
+                           defocus_max=20000.0, n_classes=4, n_iter=6, seed=3, job_score=0.9)
+    job_dir = corpus.make_job(job, tmp_path / "corpus", tmp_path / "work")
+    made = pd.read_csv(job_dir / "class_truth.csv")
+    assert {"blur_resolution", "view_match", "average_match", "category"} <= set(made.columns)
+    assert made.n.sum() == 240 and (made.category > 0).any()
+    made.drop(columns=["blur_resolution"]).to_csv(job_dir / "class_truth.csv", index=False)
+    again = corpus.recategorise(job_dir)
+    np.testing.assert_allclose(again.blur_resolution, made.blur_resolution, rtol=1e-6)
+    assert list(again.category) == list(made.category)
+    assert list(read_star(job_dir / "backup_selection.star")[""].rlnSelected) == list(made.category)
+    made.drop(columns=["blur_resolution"]).to_csv(job_dir / "class_truth.csv", index=False)
+    spec = json.loads((job_dir / "job.json").read_text())
+    (job_dir / "job.json").write_text(json.dumps(spec | {"seed": 4}))
+    with pytest.raises(RuntimeError, match="make the job again"):
+        corpus.recategorise(job_dir)
 
 
 # -- jobs on disk: EMPIAR-10812's layout -----------------------------------------------------------
@@ -465,7 +511,7 @@ def _fake_job(job, out: Path, work: Path) -> Path:
     return dest
 
 
-def _fake_recategorise(job_dir: Path, work: Path | None = None) -> None:
+def _fake_recategorise(job_dir: Path) -> None:
     """Stand-in for recategorise: records the process it ran in."""
     (job_dir / "recategorised").write_text(str(os.getpid()))
 

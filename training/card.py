@@ -17,6 +17,7 @@ import pandas as pd
 from ranker.network import sha256
 
 from .chimeras import split_chimeras
+from .targets import BLUR_FACTOR
 
 
 def _row(name: str, m: dict[str, Any]) -> str:
@@ -80,10 +81,11 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
           "chosen on the validation jobs to balance particle false positives and false negatives against "
           "truth-good classes.", "", "## Training data", *data_lines,
           "- Targets as RELION's training script: job score J (from the SNR and junk fraction) x category (from "
-          "the truth: pure good particles that the classification aligned into one view -- their noise-free "
-          "average, made from their true poses and the classification's alignments, matches a single projection "
-          "-- mostly good, mixed, blurred = good particles whose noise-free average matches no single view, "
-          "neighbour-contaminated, junk) "
+          "the truth: pure good particles, mostly good, mixed, blurred, neighbour-contaminated, junk; blurred = "
+          "good particles whose noise-free average -- made from their true poses and the classification's "
+          "alignments -- is one view of the particle (Fourier ring correlation 0.5 with the best-matching "
+          f"projection) only to a resolution more than {BLUR_FACTOR} times coarser than the job's typical pure "
+          "class) "
           "x resolution relative to the job's best; see `training/targets.py`.",
           f"- Validation: {m['validation']['jobs']} jobs split off by {val_by_text} (scikit-learn GroupShuffleSplit); "
           "test: "

@@ -27,11 +27,13 @@ import pandas as pd
 
 from reconstruct.class2d import Class2DOptions, class2d
 from reconstruct.files import read_map, read_particles, read_star, write_star
+from reconstruct.files.atomic import atomic_path
 from reconstruct.progress import progress
 from reconstruct.simulate import ParticleSimulation, atomic_model_map, simulate_particles
+from reconstruct.simulate.particles import particle_truth_table
 
 from .chimeras import chimera_map, chimera_radius, chimera_seed, is_chimera
-from .targets import category_of, class_categories, ideal_class_averages, simulated_job_score, view_match
+from .targets import categories, class_categories, class_views, ideal_class_averages, simulated_job_score
 
 log = logging.getLogger(__name__)
 
@@ -179,44 +181,39 @@ def simulation_of(job: CorpusJob) -> ParticleSimulation:
 
 def categorise(job: CorpusJob, truth: pd.DataFrame, data: pd.DataFrame, averages: np.ndarray,
                vol: np.ndarray) -> pd.DataFrame:
-    """Per class, the truth make-up and category of a classified job: the view match that decides sharp
-    or blurred is that of the noise-free class average (:func:`ideal_class_averages`); the match of the
-    job's own (noisy) class average is kept as ``average_match`` for reference."""
+    """Per class, the truth make-up and category of a classified job. What decides sharp or blurred is
+    the noise-free class average's :func:`~training.targets.blur_resolution`; its 15 Å view match and
+    that of the job's own (noisy) class average are kept as ``view_match`` and ``average_match``."""
     ideal = ideal_class_averages(truth, data, vol, job.pixel_size, job.n_classes)
-    # one call: the truth's projections, the costly part, are made once for both sets of images
-    match = view_match(np.concatenate([ideal, averages]), vol, job.pixel_size, job.diameter)
-    cats = class_categories(data.rlnClassNumber.to_numpy(), truth, job.n_classes, match[:job.n_classes])
-    cats["average_match"] = match[job.n_classes:]
+    views = class_views(ideal, averages, vol, job.pixel_size, job.diameter)
+    cats = class_categories(data.rlnClassNumber.to_numpy(), truth, job.n_classes, views.blur_resolution.to_numpy())
+    cats["view_match"] = views.view_match.to_numpy()
+    cats["average_match"] = views.average_match.to_numpy()
     return cats
 
 
-def recategorise(job_dir: Path, work: Path | None = None) -> pd.DataFrame:
+def recategorise(job_dir: Path) -> pd.DataFrame:
     """Re-derive a stored job's categories with the current rule and rewrite class_truth.csv and
     backup_selection.star; used when the rule changes after jobs were made.
 
-    Jobs made before the noise-free view match (no ``average_match`` column) are simulated again (the
-    simulation is deterministic; the particles must be the ones the job classified, or this stops) to
-    compute it; the particle images are deleted again afterwards.
+    Jobs made before the blur resolution was measured (no ``blur_resolution`` column) get it from their
+    truth, drawn again without making the images (the simulation is deterministic; if the truth's make-up
+    of the classes differs from the stored one, this stops); the rest are re-labelled from their table.
     """
     cats = pd.read_csv(job_dir / "class_truth.csv")
-    if "average_match" not in cats.columns:
+    if "blur_resolution" not in cats.columns:
         job = CorpusJob(**json.loads((job_dir / "job.json").read_text()))
-        work = work or job_dir.parent / ".work" / job.name
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            vol = protein_map(job.protein, job.box, job.pixel_size)
-            truth = simulate_particles([vol], simulation_of(job), work).table
-            fresh = categorise(job, truth, read_particles(job_dir / "run_data.star").data,
-                               read_map(job_dir / "run_classes.mrcs")[0], vol)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        vol = protein_map(job.protein, job.box, job.pixel_size)
+        truth = particle_truth_table(simulation_of(job), 1)
+        fresh = categorise(job, truth, read_particles(job_dir / "run_data.star").data,
+                           read_map(job_dir / "run_classes.mrcs")[0], vol)
         if not np.allclose(fresh[["n", "good", "junk"]].to_numpy(), cats[["n", "good", "junk"]].to_numpy()):
             raise RuntimeError(f"{job_dir}: the simulation no longer gives the particles this job classified "
                                "(its truth make-up differs); make the job again (delete its folder)")
         cats = fresh
-    cats["category"] = [0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, r.view_match)
-                        for r in cats.itertuples()]
-    cats.to_csv(job_dir / "class_truth.csv", index=False)
+    cats["category"] = categories(cats)
+    with atomic_path(job_dir / "class_truth.csv") as tmp:
+        cats.to_csv(tmp, index=False)
     write_star(job_dir / "backup_selection.star", {"": pd.DataFrame({"rlnSelected": cats.category.astype(int)})})
     return cats
 
@@ -252,7 +249,7 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
         for job in progress(todo, len(todo), desc="corpus jobs", unit="job"):
             make_job(job, out, out / ".work")
     else:
-        _in_parallel(recategorise, [(d, out / ".work" / d.name) for d in made], workers, "categories")
+        _in_parallel(recategorise, [(d,) for d in made], workers, "categories")
         _in_parallel(make_job, [(j, out, out / ".work" / j.name) for j in todo], workers, "corpus jobs")
     shutil.rmtree(out / ".work", ignore_errors=True)
     index = pd.DataFrame([asdict(j) for j in plan + held])

@@ -15,7 +15,7 @@ from reconstruct.geometry import euler_to_matrix
 
 #: rlnSelected categories in RELION's order of preference (EMPIAR-10812's colours).
 BEST, GOOD, MIXED, BLURRED, NEIGHBOURS, JUNK = 1, 5, 2, 3, 4, 6
-CATEGORY_NAMES = {BEST: "pure good views", GOOD: "mostly good", MIXED: "mixed", BLURRED: "blurred (mixed views)",
+CATEGORY_NAMES = {BEST: "pure good views", GOOD: "mostly good", MIXED: "mixed", BLURRED: "blurred",
                   NEIGHBOURS: "neighbour-contaminated", JUNK: "junk", 0: "none"}
 MIN_PARTICLES = 10  # RELION's ranker skips classes with N <= 10
 
@@ -54,55 +54,74 @@ def view_spread(rot: np.ndarray, tilt: np.ndarray) -> float:
     return float(np.median(np.degrees(np.arccos(np.clip(z @ (mean / norm), -1, 1)))))
 
 
-MIN_VIEW_MATCH = 0.955  # a noise-free class average this close to one view (at 15 Å) is sharp
+#: A class of good particles is blurred when the resolution to which it is one view (:func:`blur_resolution`)
+#: is this many times coarser than that of the job's typical class of good particles (their median):
+#: people divide a job's classes by comparing them side by side, and every 2D class averages a range of
+#: neighbouring views, so blur is judged against the job's other classes, not against a single view.
+BLUR_FACTOR = 1.4
+PURE_GOOD = 0.85  # the fraction of clean good particles that makes a class pure
 
 
-def category_of(good: float, neighbour: float, junk: float, match: float, min_match: float = MIN_VIEW_MATCH) -> int:
+def blurred_classes(blur: np.ndarray, good: np.ndarray, n: np.ndarray, factor: float = BLUR_FACTOR) -> np.ndarray:
+    """Which classes are blurred: :func:`blur_resolution` (Å, NaN for none) more than ``factor`` times the
+    median of the job's classes that are >= 85% good particles and hold more than 10 particles. A job
+    without such classes has none blurred."""
+    blur = np.asarray(blur, float)
+    pure = (np.asarray(good) >= PURE_GOOD) & (np.asarray(n) > MIN_PARTICLES) & np.isfinite(blur)
+    if not pure.any():
+        return np.zeros(blur.shape, bool)
+    typical = float(np.median(blur[pure]))
+    return np.nan_to_num(blur, nan=0.0) > factor * typical
+
+
+def category_of(good: float, neighbour: float, junk: float, blurred: bool = False) -> int:
     """The category a class earns from its truth make-up (fractions of good, neighbour and junk particles)
-    and how well its noise-free average (:func:`ideal_class_averages`) matches a single view of the truth
-    (:func:`view_match`)."""
+    and whether its noise-free average is blurred (:func:`blurred_classes`)."""
     if junk >= 0.5:
         return JUNK
     if neighbour >= 1 / 3:
         return NEIGHBOURS
-    if good >= 0.85:
-        return BEST if match >= min_match else BLURRED
-    if good >= 0.7 and match >= min_match:
+    if good >= PURE_GOOD:
+        return BLURRED if blurred else BEST
+    if good >= 0.7 and not blurred:
         return GOOD
     return MIXED
 
 
 def class_categories(classes: np.ndarray, truth: pd.DataFrame, n_classes: int,
-                     match: np.ndarray | None = None) -> pd.DataFrame:
+                     blur: np.ndarray | None = None) -> pd.DataFrame:
     """Per class (1..K), the truth make-up of its particles and the category it earns.
 
     ``classes`` holds each particle's rlnClassNumber; ``truth`` is the simulator's particles_truth.csv
     (columns category: good / neighbour / a junk kind, rlnAngleRot, rlnAngleTilt) in the same order;
-    ``match`` is each noise-free class average's :func:`view_match` (default: all sharp). A class is junk if half
-    its particles are junk, neighbour-contaminated if a third have a neighbour's density at their edge,
-    best if >= 85% are clean good particles and its average looks like one view of the particle,
-    blurred if they are good but the average matches no single view, mostly good at >= 70% (and sharp),
-    else mixed. The median spread of the particles' viewing directions is recorded too.
+    ``blur`` is each noise-free class average's :func:`blur_resolution` (default: none blurred). A class
+    is junk if half its particles are junk, neighbour-contaminated if a third have a neighbour's density
+    at their edge, best if >= 85% are clean good particles and it is not blurred (:func:`blurred_classes`),
+    blurred if they are good but it is, mostly good at >= 70% (and not blurred), else mixed. The median
+    spread of the particles' viewing directions is recorded too.
     """
-    match = np.ones(n_classes) if match is None else np.asarray(match, float)
+    blur = np.full(n_classes, np.nan) if blur is None else np.asarray(blur, float)
     kind = truth["category"].to_numpy()
     rows = []
     for k in range(1, n_classes + 1):
         sel = np.asarray(classes) == k
         n = int(sel.sum())
-        if n == 0:
-            rows.append({"class": k, "n": 0, "good": 0.0, "neighbour": 0.0, "junk": 0.0, "spread": 0.0,
-                         "view_match": float(match[k - 1]), "category": 0})
-            continue
-        good = float(np.mean(kind[sel] == "good"))
-        nb = float(np.mean(kind[sel] == "neighbour"))
-        junk = 1.0 - good - nb
+        good = float(np.mean(kind[sel] == "good")) if n else 0.0
+        nb = float(np.mean(kind[sel] == "neighbour")) if n else 0.0
         g = sel & np.isin(kind, ("good", "neighbour"))
         spread = view_spread(truth.rlnAngleRot.to_numpy()[g], truth.rlnAngleTilt.to_numpy()[g])
-        cat = category_of(good, nb, junk, float(match[k - 1]))
-        rows.append({"class": k, "n": n, "good": good, "neighbour": nb, "junk": junk, "spread": spread,
-                     "view_match": float(match[k - 1]), "category": cat})
-    return pd.DataFrame(rows)
+        rows.append({"class": k, "n": n, "good": good, "neighbour": nb, "junk": 1.0 - good - nb if n else 0.0,
+                     "spread": spread, "blur_resolution": float(blur[k - 1])})
+    cats = pd.DataFrame(rows)
+    cats["category"] = categories(cats)
+    return cats
+
+
+def categories(cats: pd.DataFrame) -> np.ndarray:
+    """The category of each class of a job from its table (n, good, neighbour, junk, blur_resolution)."""
+    blurred = blurred_classes(cats.blur_resolution.to_numpy(), cats.good.to_numpy(), cats.n.to_numpy())
+    return np.array([0 if r.n == 0 else category_of(r.good, r.neighbour, r.junk, bool(b))
+                     for r, b in zip(cats.itertuples(), blurred, strict=True)], int)
 
 
 def simulated_job_score(snr: float, junk_fraction: float) -> float:
@@ -115,38 +134,117 @@ def simulated_job_score(snr: float, junk_fraction: float) -> float:
     return float((0.35 + 0.65 * t) * (1.0 - 0.5 * junk_fraction))
 
 
+class _ViewMatcher:
+    """Finds the noise-free projection of a map that an image matches best: over a ~15° grid of all
+    rotations (HEALPix order 2 x in-plane) and every shift up to ``max_shift`` px, by the normalised
+    correlation of both, low-passed to ``resolution`` Å, masked to ``diameter`` and zero-mean."""
+
+    def __init__(self, truth_map: np.ndarray, pixel_size: float, diameter: float, resolution: float = 15.0,
+                 max_shift: int = 3) -> None:
+        from reconstruct.masks import soft_sphere
+        from reconstruct.projector import Projector
+        from reconstruct.sampling import orientations
+
+        self.box = truth_map.shape[0]
+        self.pixel_size, self.resolution = pixel_size, resolution
+        self.projector = Projector(np.asarray(truth_map, np.float32))
+        self.mask = soft_sphere((self.box, self.box), diameter / (2 * pixel_size), edge=3)
+        self.window = np.r_[0:max_shift + 1, self.box - max_shift:self.box]
+        self.grid, _ = orientations(2)
+        self.grid_ft = self._transforms(self.grid)
+
+    def prepare(self, images: np.ndarray, lowpass: bool = True) -> np.ndarray:
+        """Images low-passed (optionally), masked and zero-mean inside the mask."""
+        from reconstruct.fourier import lowpass_filter
+
+        x = np.asarray(images, np.float32)
+        if lowpass:
+            x = lowpass_filter(x, self.pixel_size, self.resolution, ndim=2)
+        x = x * self.mask
+        x = x - x.sum(axis=(1, 2), keepdims=True) / self.mask.sum()
+        return x * self.mask
+
+    def projections(self, rotations: np.ndarray, lowpass: bool = True) -> np.ndarray:
+        from reconstruct.fourier import centred_ifft
+
+        return self.prepare(centred_ifft(self.projector.project(rotations), (self.box, self.box)), lowpass)
+
+    def _transforms(self, rotations: np.ndarray) -> np.ndarray:
+        return np.fft.rfft2(_unit(self.projections(rotations)))
+
+    def _best(self, candidates_ft: np.ndarray, image_ft: np.ndarray) -> tuple[int, tuple[int, int], float]:
+        b = self.box
+        cc = np.fft.irfft2(candidates_ft * np.conj(image_ft), s=(b, b))[:, self.window][:, :, self.window]
+        i, dy, dx = np.unravel_index(int(np.argmax(cc)), cc.shape)
+        return int(i), (int(self.window[dy]), int(self.window[dx])), float(cc[i, dy, dx])
+
+    def grid_match(self, image: np.ndarray) -> float:
+        """The best correlation of ``image`` with any grid projection."""
+        return self._best(self.grid_ft, np.fft.rfft2(_unit(self.prepare(image[None]))[0]))[2]
+
+    def best_view(self, image: np.ndarray, steps: tuple[float, ...] = (6.0, 3.0, 1.5, 0.75)
+                  ) -> tuple[np.ndarray, tuple[int, int], float]:
+        """The rotation, shift (px, to apply to the projection with np.roll) and correlation of the
+        projection ``image`` matches best: the grid's best, refined by local searches over rotations
+        about each axis of +-``step`` degrees, step by step."""
+        from scipy.spatial.transform import Rotation
+
+        image_ft = np.fft.rfft2(_unit(self.prepare(image[None]))[0])
+        i, shift, corr = self._best(self.grid_ft, image_ft)
+        rot = self.grid[i]
+        axes = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
+        for step in steps:
+            candidates = Rotation.from_rotvec(np.deg2rad(step) * axes).as_matrix() @ rot
+            i, shift, corr = self._best(self._transforms(candidates), image_ft)
+            rot = candidates[i]
+        return rot, shift, corr
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x.reshape(len(x), -1), axis=1), 1e-12)[:, None, None]
+
+
+def class_views(ideal: np.ndarray, averages: np.ndarray, truth_map: np.ndarray, pixel_size: float,
+                diameter: float) -> pd.DataFrame:
+    """Per class, how its averages compare with single views of the truth: ``blur_resolution`` of the
+    noise-free average (:func:`blur_resolution`, what decides blurred), and the 15 Å :func:`view_match`
+    of the noise-free and of the job's own average (``view_match``, ``average_match``, for the record).
+    The truth's projections are made once for all three."""
+    matcher = _ViewMatcher(truth_map, pixel_size, diameter)
+    return pd.DataFrame({"blur_resolution": blur_resolution(ideal, truth_map, pixel_size, diameter, matcher),
+                         "view_match": view_match(ideal, truth_map, pixel_size, diameter, matcher=matcher),
+                         "average_match": view_match(averages, truth_map, pixel_size, diameter, matcher=matcher)})
+
+
 def view_match(classes: np.ndarray, truth_map: np.ndarray, pixel_size: float, diameter: float,
-               resolution: float = 15.0, max_shift: int = 3) -> np.ndarray:
-    """Per class average, its best normalised correlation with any noise-free projection of the truth.
+               resolution: float = 15.0, max_shift: int = 3, matcher: _ViewMatcher | None = None) -> np.ndarray:
+    """Per class average, its best normalised correlation with any noise-free projection of the truth
+    on a ~15° grid of all rotations, both low-passed to ``resolution`` Å and masked to ``diameter``,
+    at every shift up to ``max_shift`` px (kept in the corpus's records; :func:`blur_resolution` is
+    what decides blurred)."""
+    matcher = matcher or _ViewMatcher(truth_map, pixel_size, diameter, resolution, max_shift)
+    return np.array([matcher.grid_match(c) for c in np.asarray(classes, np.float32)])
 
-    Projections on a ~15° grid of all rotations (HEALPix order 2 x in-plane) and the class averages are
-    low-passed to ``resolution`` Å, masked to ``diameter`` and normalised; each pair is compared at
-    every shift up to ``max_shift`` px. A class of good particles that matches no single view well is
-    an average of many views: blurred, as a person would see it.
+
+def blur_resolution(ideal: np.ndarray, truth_map: np.ndarray, pixel_size: float, diameter: float,
+                    matcher: _ViewMatcher | None = None) -> np.ndarray:
+    """Per noise-free class average (:func:`ideal_class_averages`), the resolution (Å) to which it is
+    one view of the particle: where its Fourier ring correlation with the best-matching projection of
+    the truth (found on a 15° grid, refined to 0.75°) falls below 0.5. A class of particles from one view,
+    aligned right, is that view to the end of the data's resolution; averaging neighbouring views or
+    misaligning in-plane blurs it from some resolution on. NaN for a class without protein particles.
     """
-    from reconstruct.fourier import centred_ifft, lowpass_filter
-    from reconstruct.masks import soft_sphere
-    from reconstruct.projector import Projector
-    from reconstruct.sampling import orientations
+    from reconstruct.fsc import fsc, resolution_at
 
-    box = truth_map.shape[0]
-    rots, _ = orientations(2)
-    proj = centred_ifft(Projector(np.asarray(truth_map, np.float32)).project(rots), (box, box))
-    mask = soft_sphere((box, box), diameter / (2 * pixel_size), edge=3)
-
-    def prepare(images: np.ndarray) -> np.ndarray:
-        x = lowpass_filter(np.asarray(images, np.float32), pixel_size, resolution, ndim=2) * mask
-        x = x - x.sum(axis=(1, 2), keepdims=True) / mask.sum()
-        x = x * mask
-        return x / np.maximum(np.linalg.norm(x.reshape(len(x), -1), axis=1), 1e-12)[:, None, None]
-
-    fp = np.fft.rfft2(prepare(proj))
-    fc = np.fft.rfft2(prepare(classes))
-    win = np.r_[0:max_shift + 1, box - max_shift:box]
-    out = np.empty(len(classes))
-    for k in range(len(classes)):
-        cc = np.fft.irfft2(fp * np.conj(fc[k]), s=(box, box))[:, win][:, :, win]
-        out[k] = float(cc.max())
+    matcher = matcher or _ViewMatcher(truth_map, pixel_size, diameter)
+    out = np.full(len(ideal), np.nan)
+    full = matcher.prepare(ideal, lowpass=False)
+    for k, image in enumerate(np.asarray(ideal, np.float32)):
+        if not np.any(image):
+            continue
+        rot, shift, _ = matcher.best_view(image)
+        view = np.roll(matcher.projections(rot[None], lowpass=False)[0], (-shift[0], -shift[1]), axis=(0, 1))
+        out[k] = resolution_at(fsc(full[k], view), matcher.box, pixel_size, threshold=0.5).angstrom
     return out
 
 
