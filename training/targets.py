@@ -165,6 +165,7 @@ class _ViewMatcher:
         return x * self.mask
 
     def projections(self, rotations: np.ndarray, lowpass: bool = True) -> np.ndarray:
+        """The map's projections at ``rotations``, prepared as :meth:`prepare` does."""
         from reconstruct.fourier import centred_ifft
 
         return self.prepare(centred_ifft(self.projector.project(rotations), (self.box, self.box)), lowpass)
@@ -184,9 +185,9 @@ class _ViewMatcher:
 
     def best_view(self, image: np.ndarray, steps: tuple[float, ...] = (6.0, 3.0, 1.5, 0.75)
                   ) -> tuple[np.ndarray, tuple[int, int], float]:
-        """The rotation, shift (px, to apply to the projection with np.roll) and correlation of the
-        projection ``image`` matches best: the grid's best, refined by local searches over rotations
-        about each axis of +-``step`` degrees, step by step."""
+        """The rotation, shift and correlation of the projection ``image`` matches best (the projection
+        rolled by minus the shift, in px, lies on the image): the grid's best, refined by local searches
+        over rotations about each axis of +-``step`` degrees, step by step."""
         from scipy.spatial.transform import Rotation
 
         image_ft = np.fft.rfft2(_unit(self.prepare(image[None]))[0])
