@@ -130,8 +130,8 @@ def test_class_categories_from_truth():
                           "rlnAngleRot": np.r_[np.full(3 * m, 10.0), np.linspace(-180, 180, m), np.zeros(2 * m)],
                           "rlnAngleTilt": np.r_[np.full(3 * m, 90.0), np.linspace(0, 180, m), np.zeros(2 * m)]})
     classes = np.repeat([1, 2, 3, 4, 5, 6], m)
-    # blur resolutions (Å): three pure classes near 10 Å, one twice as coarse, the rest without protein
-    blur = np.array([10.0, 11.0, 9.0, 20.0, np.nan, 10.0, np.nan])
+    # blur resolutions (Å): three pure classes near 10 Å, one 2.5 times as coarse, the rest without protein
+    blur = np.array([10.0, 11.0, 9.0, 25.0, np.nan, 10.0, np.nan])
     cats = class_categories(classes, truth, 7, blur=blur)
     # pure and sharp x3, good but blurred, junk, neighbours, empty
     assert list(cats.category) == [1, 1, 1, 3, 6, 4, 0]
