@@ -190,14 +190,13 @@ class _ViewMatcher:
         """The rotation, shift and correlation of the projection ``image`` matches best (the projection
         rolled by minus the shift, in px, lies on the image): the grid's best, refined by local searches
         over rotations about each axis of +-``step`` degrees, step by step."""
-        from scipy.spatial.transform import Rotation
+        from reconstruct.sampling import local_rotations
 
         image_ft = np.fft.rfft2(_unit(self.prepare(image[None]))[0])
         i, shift, corr = self._best(self.grid_ft, image_ft)
         rot = self.grid[i]
-        axes = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
         for step in steps:
-            candidates = Rotation.from_rotvec(np.deg2rad(step) * axes).as_matrix() @ rot
+            candidates = local_rotations(step, step * np.sqrt(3)) @ rot  # the 3 x 3 x 3 cube around rot
             i, shift, corr = self._best(self._transforms(candidates), image_ft)
             rot = candidates[i]
         return rot, shift, corr
