@@ -8,7 +8,14 @@ the shipped one) and prints
   AUC, beside the same AUC from the job's quality J alone (a model that only read the data set's quality);
 - whether J can be read off the features: the Spearman correlation between J and a per-job estimate of the
   particles' SNR from each class average's protein and solvent standard deviations and its particle count,
-  (protein std^2 - solvent std^2) / solvent std^2 / N, median over the job's classes.
+  (protein std^2 - solvent std^2) / solvent std^2 / N, median over the job's classes;
+- what no model can beat on these labels: the particle FPR/FNR of the targets themselves used as scores at their
+  best single threshold (J scales a job's classes together, so good classes of a poor data set score below mixed
+  classes of a good one), and the MSE and Spearman of a predictor that knows every target except which of
+  categories 1 and 5 (or 1, 5 and 2) a class is, within its job;
+- whether those categories can be seen at all: their AUC within jobs by score, and by how well each class's
+  noise-free average (true poses) and its actual average match their best projection of the truth
+  (``view_match`` and ``average_match`` of ``class_truth.csv``).
 
     python benchmarks/ranker_diagnostics.py --corpus benchmarks/out/ranker_corpus/corpus
 """
@@ -27,7 +34,8 @@ from ranker.features import FEATURE_MEAN, FEATURE_NAMES, FEATURE_STD
 from ranker.model_store import load_model
 from ranker.score import predict, zero_granulometry
 from training.data import Samples, load_samples
-from training.targets import BEST, BLURRED, CATEGORY_NAMES
+from training.targets import BEST, BLURRED, CATEGORY_NAMES, GOOD, MIN_PARTICLES, MIXED
+from training.train import calibrate_threshold, particle_rates
 
 
 def snr_estimate(s: Samples) -> np.ndarray:
@@ -43,6 +51,55 @@ def job_scores(s: Samples, corpus: Path) -> np.ndarray:
     """Each class's job score J (first line of its job's job_score.txt)."""
     j = {name: float((corpus / name / "job_score.txt").read_text().split()[0]) for name in np.unique(s.job)}
     return np.array([j[name] for name in s.job])
+
+
+def within_job_auc(values: np.ndarray, categories: np.ndarray, jobs: np.ndarray, positive: tuple[int, ...],
+                   negative: tuple[int, ...]) -> float:
+    """AUC of telling classes of ``positive`` categories from ``negative`` ones by ``values`` ranked within their
+    job: a job's quality moves all its classes together, so only the ordering inside each job counts."""
+    mask = np.isin(categories, positive + negative) & np.isfinite(values)
+    ranks = pd.Series(values[mask]).groupby(jobs[mask]).rank(pct=True).to_numpy()
+    is_pos = np.isin(categories[mask], positive)
+    return float(roc_auc_score(is_pos, ranks)) if 0 < is_pos.sum() < is_pos.size else float("nan")
+
+
+def merged_floor(s: Samples, merged: tuple[int, ...]) -> tuple[float, float]:
+    """MSE and Spearman of a predictor that knows every target but cannot tell the ``merged`` categories apart
+    within a job, so gives each of those classes their job's mean target."""
+    key = np.where(np.isin(s.categories, merged), -1, s.categories)
+    pred = pd.Series(s.targets).groupby([s.job, key]).transform("mean").to_numpy()
+    return float(mean_squared_error(s.targets, pred)), float(spearmanr(pred, s.targets).statistic)
+
+
+def class_truth(corpus: Path, jobs: np.ndarray) -> pd.DataFrame:
+    """The ``class_truth.csv`` rows (classes of more than 10 particles) of ``jobs``, with a ``job`` column."""
+    parts = [pd.read_csv(corpus / j / "class_truth.csv").assign(job=j) for j in np.unique(jobs)
+             if (corpus / j / "class_truth.csv").is_file()]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return table[table.n > MIN_PARTICLES] if len(table) else table
+
+
+def print_limits(s: Samples, pred: np.ndarray, corpus: Path) -> None:
+    """What no model can beat on these labels, and whether the categories can be seen (module docstring)."""
+    thr = calibrate_threshold(s.targets, s.good, s.sizes)
+    fpr, fnr = particle_rates(s.targets, s.good, s.sizes, thr)
+    print(f"targets as scores: best single threshold {thr:.3f} gives particle FPR {fpr:.3f}, FNR {fnr:.3f}")
+    for merged in ((BEST, GOOD), (BEST, GOOD, MIXED)):
+        mse, rho = merged_floor(s, merged)
+        print(f"all targets known but categories {'/'.join(map(str, merged))} merged within a job: "
+              f"MSE {mse:.4f}, Spearman {rho:.3f}")
+    truth = class_truth(corpus, s.job)
+    truth_cats = truth.category.to_numpy(int) if len(truth) else np.zeros(0, int)
+    truth_jobs = truth.job.to_numpy() if len(truth) else np.zeros(0, str)
+    pairs = (((BEST,), (GOOD,)), ((BEST, GOOD), (MIXED,)))
+    for pos, neg in pairs:
+        line = f"within-job AUC {'/'.join(map(str, pos))} vs {'/'.join(map(str, neg))}: by score " \
+               f"{within_job_auc(pred, s.categories, s.job, pos, neg):.3f}"
+        for col in ("view_match", "average_match"):
+            if col in truth:
+                auc = within_job_auc(truth[col].to_numpy(float), truth_cats, truth_jobs, pos, neg)
+                line += f", by {col} {auc:.3f}"
+        print(line)
 
 
 def main() -> None:
@@ -77,6 +134,7 @@ def main() -> None:
     for name, mask in (("held-out", samples.group == a.group), ("training-protein", samples.group != a.group)):
         first = mask & ~pd.Series(samples.job).duplicated().to_numpy()  # one row per job
         print(f"Spearman(J, job-median SNR estimate), {name} jobs: {spearmanr(est[first], j_all[first]).statistic:.3f}")
+    print_limits(test, pred, corpus)
 
 
 if __name__ == "__main__":
