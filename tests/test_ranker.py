@@ -500,6 +500,45 @@ def test_model_card_names_chimeras_as_make_corpus_takes_them() -> None:
     assert split_chimeras(["cftr", "adk_open"]) == (["cftr", "adk_open"], 0)
 
 
+def _failing_job(job, out: Path, work: Path) -> Path:
+    """Stand-in for make_job that is interrupted after the first job."""
+    if any(out.glob("*/job.json")):
+        raise KeyboardInterrupt
+    return _fake_job(job, out, work)
+
+
+def test_interrupted_corpus_has_its_index_and_its_card_says_so(tmp_path, monkeypatch) -> None:
+    """corpus.csv/corpus.json describe the whole plan before any job is made, so a corpus stopped part way
+    still has them, and the model card counts the jobs made and says where make-corpus stopped."""
+    import training.corpus as corpus
+    from training.card import publish
+
+    monkeypatch.setattr(corpus, "make_job", _failing_job)
+    out = tmp_path / "corpus"
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_corpus(out, 3, 1, seed=3, proteins=("adk_open",))
+    index = pd.read_csv(out / "corpus.csv")
+    assert len(index) == 4 and index.held_out.sum() == 1
+    assert json.loads((out / "corpus.json").read_text())["n_jobs"] == 3
+    assert len(list(out.glob("*/job.json"))) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "class_ranker.pt").write_bytes(b"weights")
+    split = {"classes": 10, "jobs": 1, "mse": 0.02, "spearman": 0.8, "auc_good": 0.8, "particle_fpr": 0.2,
+             "particle_fnr": 0.2, "threshold": 0.3}
+    (run / "metrics.json").write_text(json.dumps({
+        "validation": split, "test": split, "default_threshold": 0.3, "epochs": 1, "train_classes": 10,
+        "train_seconds": 1.0, "options": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 32,
+                                          "seed": 1, "held_out": "tcr_hla", "val_fraction": 0.2, "patience": 5,
+                                          "data": [str(out)]}}))
+    card = publish(run, tmp_path / "models", corpus=[out])
+    text = (tmp_path / "models" / "class_ranker_v1.md").read_text()
+    made_held_out = bool(index.held_out[index.name == next(out.glob("*/job.json")).parent.name].iloc[0])
+    assert card["data"]["jobs_made"] == 1 and card["data"]["jobs_planned"] == 4
+    assert card["data"]["jobs"] == (0 if made_held_out else 1)
+    assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # stopped after 1 of 4 jobs" in text
+
+
 def _fake_job(job, out: Path, work: Path) -> Path:
     """Stand-in for make_job (seconds instead of minutes): records the job and the work folder it got."""
     from dataclasses import asdict

@@ -52,9 +52,10 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
     if indexes:
         index = pd.concat(indexes, ignore_index=True)
-        done = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
-        done = done[~done.held_out.astype(bool)]  # the held-out protein's jobs are the test set, not training data
-        card["data"] = {"jobs": len(done), "proteins": sorted(done.protein.unique()),
+        made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
+        done = made[~made.held_out.astype(bool)]  # the held-out protein's jobs are the test set, not training data
+        card["data"] = {"jobs": len(done), "jobs_made": len(made), "jobs_planned": len(index),
+                        "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],
                         "junk_fraction": [float(done.junk_fraction.min()), float(done.junk_fraction.max())],
                         "box": sorted(int(b) for b in done.box.unique()),
@@ -68,7 +69,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
                       f"{', '.join(shown)}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
-                      "defocus 0.5-3.5 µm."]
+                      "defocus 0.5-3.5 µm" + (f"; the {len(made)} jobs made so far of the corpus below "
+                                               f"({len(index)} planned)." if len(made) < len(index) else ".")]
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=1, default=float))
     m = card["metrics"]
     held = metrics["options"].get("held_out")
@@ -104,9 +106,11 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
         n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
         prot, n_chimeras = split_chimeras(meta.get("proteins") or [])
+        n_made = sum((c / n / "job.json").exists() for n in idx.get("name", []))
         make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
                     f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
-                    + (f" --chimeras {n_chimeras}" if n_chimeras else ""))
+                    + (f" --chimeras {n_chimeras}" if n_chimeras else "")
+                    + (f"   # stopped after {n_made} of {len(idx)} jobs" if n_made < len(idx) else ""))
     data = " ".join(Path(d).name for d in metrics["options"]["data"])
     val_by = " --val_by protein" if t["val_by"] == "protein" else ""
     md += ["", "## Reproduce", "", "```bash", *make,

@@ -218,6 +218,29 @@ def recategorise(job_dir: Path) -> pd.DataFrame:
     return cats
 
 
+def plan_corpus(n_jobs: int, n_held_out: int, seed: int,
+                proteins: tuple[str, ...]) -> tuple[list[CorpusJob], list[CorpusJob]]:
+    """Every job's parameters, drawn up front from ``seed``: the training jobs (proteins in turn) and the
+    held-out protein's."""
+    rng = np.random.default_rng(seed)
+    plan = [draw_job(i, proteins[i % len(proteins)], rng) for i in range(n_jobs)]
+    return plan, [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
+
+
+def write_index(out: Path, plan: list[CorpusJob], held: list[CorpusJob], seed: int,
+                proteins: tuple[str, ...]) -> pd.DataFrame:
+    """Write the corpus's plan, ``corpus.csv`` (every job's parameters, made or not) and ``corpus.json`` (the
+    command's settings), atomically; written before any job is made, so an interrupted corpus is described."""
+    index = pd.DataFrame([asdict(j) for j in plan + held])
+    index["held_out"] = index.protein == HELD_OUT
+    with atomic_path(out / "corpus.csv") as tmp:
+        index.to_csv(tmp, index=False)
+    with atomic_path(out / "corpus.json") as tmp:
+        tmp.write_text(json.dumps({"n_jobs": len(plan), "n_held_out": len(held), "seed": seed,
+                                   "proteins": list(proteins)}))
+    return index
+
+
 def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
                  proteins: tuple[str, ...] = DEFAULT_TRAINING, workers: int = 1) -> pd.DataFrame:
     """Make ``n_jobs`` training jobs over ``proteins`` and ``n_held_out`` of the held-out one.
@@ -233,10 +256,8 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
     if workers < 1:
         raise ValueError(f"workers must be at least 1: got {workers}")
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    train_proteins = list(proteins)
-    plan = [draw_job(i, train_proteins[i % len(train_proteins)], rng) for i in range(n_jobs)]
-    held = [draw_job(n_jobs + i, HELD_OUT, rng) for i in range(n_held_out)]
+    plan, held = plan_corpus(n_jobs, n_held_out, seed, proteins)
+    index = write_index(out, plan, held, seed, proteins)
     order = sorted(plan + held, key=lambda j: (j.seed if j.protein != HELD_OUT else
                                                 (j.seed - n_jobs + 0.5) * n_jobs / max(n_held_out, 1)))
     made = [out / j.name for j in order if (out / j.name / "job.json").exists()]
@@ -252,11 +273,6 @@ def build_corpus(out: Path, n_jobs: int, n_held_out: int, seed: int = 0,
         _in_parallel(recategorise, [(d,) for d in made], workers, "categories")
         _in_parallel(make_job, [(j, out, out / ".work" / j.name) for j in todo], workers, "corpus jobs")
     shutil.rmtree(out / ".work", ignore_errors=True)
-    index = pd.DataFrame([asdict(j) for j in plan + held])
-    index["held_out"] = index.protein == HELD_OUT
-    index.to_csv(out / "corpus.csv", index=False)
-    (out / "corpus.json").write_text(json.dumps({"n_jobs": n_jobs, "n_held_out": n_held_out, "seed": seed,
-                                                 "proteins": list(proteins)}))
     return index
 
 
