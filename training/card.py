@@ -64,9 +64,10 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         named, n_chimeras = split_chimeras(d["proteins"])
         shown = named + ([f"{n_chimeras} chimeras (chimera_0 to chimera_{n_chimeras - 1}: domains of the "
                           "training models packed into new shapes)"] if n_chimeras else [])
+        listed = ", ".join(shown[:-1]) + " and " + shown[-1] if len(shown) > 1 else "".join(shown)
         data_lines = [f"- {d['jobs']} simulated Class2D jobs for training and validation (our VDAM, 8-16 classes, "
                       f"600-1300 particles each) of "
-                      f"{', '.join(shown)}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
+                      f"{listed}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
                       "defocus 0.5-3.5 µm" + (f"; the {len(made)} jobs made so far of the corpus below "
