@@ -203,6 +203,22 @@ def test_full_disk_keeps_old_file(tmp_path, monkeypatch):
     assert data.max() == 1.0 and [p.name for p in tmp_path.iterdir()] == ["v.mrc"]
 
 
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Outputs are readable as a plain open() would make them (0666 less the umask), not owner-only as a
+    temporary file is, and a rewritten file keeps the mode it had."""
+    import os
+
+    from reconstruct.files.atomic import _UMASK
+
+    write_map(tmp_path / "v.mrc", np.ones((4, 4, 4), np.float32), 1.0)
+    write_star(tmp_path / "t.star", {"": pd.DataFrame({"rlnClassNumber": [1, 2]})})
+    for name in ("v.mrc", "t.star"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    os.chmod(tmp_path / "v.mrc", 0o640)
+    write_map(tmp_path / "v.mrc", np.zeros((4, 4, 4), np.float32), 1.0)
+    assert (tmp_path / "v.mrc").stat().st_mode & 0o777 == 0o640
+
+
 def test_legacy_star_mixed_optics_make_groups(tmp_path):
     df = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs", "3@a.mrcs"], "rlnVoltage": [300.0, 200.0, 300.0],
                        "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1,
