@@ -418,6 +418,9 @@ def test_train_and_score_from_the_command_line(tmp_path):
     assert ranker_main([*base, "--epochs", "3", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] >= 2 and metrics["validation"]["classes"] == 4
+    split = metrics["jobs"]  # split by job: each job in exactly one part
+    assert sorted(split["train"] + split["validation"] + split["test"]) == ["job0", "job1", "job2"]
+    assert len(split["validation"]) == 1 and split["test"] == []
     job = tmp_path / "Class2D" / "job007"
     make_class2d_job(job, categories=(1, 2, 6, 1))
     sel = tmp_path / "Select" / "job008"
@@ -537,6 +540,12 @@ def test_interrupted_corpus_has_its_index_and_its_card_says_so(tmp_path, monkeyp
     assert card["data"]["jobs_made"] == 1 and card["data"]["jobs_planned"] == 4
     assert card["data"]["jobs"] == (0 if made_held_out else 1)
     assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # stopped after 1 of 4 jobs" in text
+    metrics = json.loads((run / "metrics.json").read_text())
+    made_name = next(out.glob("*/job.json")).parent.name
+    for used, expected in (([], 0), ([made_name], 1)):  # the jobs the run says it trained on, made or not
+        metrics["jobs"] = {"train": used + ["never_made"], "validation": [], "test": []}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        assert publish(run, tmp_path / "models", corpus=[out])["data"]["jobs"] == expected
 
 
 def _fake_job(job, out: Path, work: Path) -> Path:

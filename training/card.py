@@ -53,7 +53,9 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     if indexes:
         index = pd.concat(indexes, ignore_index=True)
         made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
-        done = made[~made.held_out.astype(bool)]  # the held-out protein's jobs are the test set, not training data
+        used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
+        done = (made[made.name.isin(used["train"] + used["validation"])] if used
+                else made[~made.held_out.astype(bool)])
         card["data"] = {"jobs": len(done), "jobs_made": len(made), "jobs_planned": len(index),
                         "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],

@@ -146,6 +146,8 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     threshold = calibrate_threshold(val_pred, val_s.good, val_s.sizes)
     metrics = {"validation": evaluate(net, val_s, threshold), "test": evaluate(net, test_s, threshold),
                "train_classes": len(train_s), "epochs": int(trainer.current_epoch), "train_seconds": seconds,
+               "jobs": {name: sorted(map(str, np.unique(part.job))) for name, part in
+                        (("train", train_s), ("validation", val_s), ("test", test_s))},
                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opt).items()
                            if k != "data"} | {"data": [str(d) for d in opt.data]}}
     weights = opt.out / "class_ranker.pt"
