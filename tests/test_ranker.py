@@ -512,7 +512,7 @@ def _failing_job(job, out: Path, work: Path) -> Path:
 
 def test_interrupted_corpus_has_its_index_and_its_card_says_so(tmp_path, monkeypatch) -> None:
     """corpus.csv/corpus.json describe the whole plan before any job is made, so a corpus stopped part way
-    still has them, and the model card counts the jobs made and says where make-corpus stopped."""
+    still has them, and the model card counts the jobs the model used (those made, or those its run lists)."""
     import training.corpus as corpus
     from training.card import publish
 
@@ -537,9 +537,9 @@ def test_interrupted_corpus_has_its_index_and_its_card_says_so(tmp_path, monkeyp
     card = publish(run, tmp_path / "models", corpus=[out])
     text = (tmp_path / "models" / "class_ranker_v1.md").read_text()
     made_held_out = bool(index.held_out[index.name == next(out.glob("*/job.json")).parent.name].iloc[0])
-    assert card["data"]["jobs_made"] == 1 and card["data"]["jobs_planned"] == 4
+    assert card["data"]["jobs_used"] == 1 and card["data"]["jobs_planned"] == 4
     assert card["data"]["jobs"] == (0 if made_held_out else 1)
-    assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # stopped after 1 of 4 jobs" in text
+    assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # this model used 1 of its 4 jobs" in text
     metrics = json.loads((run / "metrics.json").read_text())
     made_name = next(out.glob("*/job.json")).parent.name
     for used, expected in (([], 0), ([made_name], 1)):  # the jobs the run says it trained on, made or not

@@ -25,6 +25,11 @@ def _row(name: str, m: dict[str, Any]) -> str:
             f"| {m['particle_fpr']:.3f} | {m['particle_fnr']:.3f} |")
 
 
+def _run_jobs(metrics: dict[str, Any]) -> set[str]:
+    """Every job a training run used (training, validation and test), from its metrics.json."""
+    return {name for part in metrics.get("jobs", {}).values() for name in part}
+
+
 def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list[Path] | None = None,
             name: str = "class_ranker_v1", notes: Path | None = None) -> dict[str, Any]:
     """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card.
@@ -56,7 +61,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
         done = (made[made.name.isin(used["train"] + used["validation"])] if used
                 else made[~made.held_out.astype(bool)])
-        card["data"] = {"jobs": len(done), "jobs_made": len(made), "jobs_planned": len(index),
+        run_jobs = made[made.name.isin(_run_jobs(metrics))] if used else made  # test jobs too
+        card["data"] = {"jobs": len(done), "jobs_used": len(run_jobs), "jobs_planned": len(index),
                         "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],
                         "junk_fraction": [float(done.junk_fraction.min()), float(done.junk_fraction.max())],
@@ -72,8 +78,9 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
                       f"{listed}; SNR {d['snr'][0]:.3f}-{d['snr'][1]:.3f}, junk "
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
-                      "defocus 0.5-3.5 µm" + (f"; the {len(made)} jobs made so far of the corpus below "
-                                               f"({len(index)} planned)." if len(made) < len(index) else ".")]
+                      "defocus 0.5-3.5 µm" + (f"; {len(run_jobs)} of the {len(index)} jobs of the corpus below, "
+                                               "test jobs included (it was not complete)."
+                                               if len(run_jobs) < len(index) else ".")]
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=1, default=float))
     m = card["metrics"]
     held = metrics["options"].get("held_out")
@@ -109,11 +116,12 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
         n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
         prot, n_chimeras = split_chimeras(meta.get("proteins") or [])
-        n_made = sum((c / n / "job.json").exists() for n in idx.get("name", []))
+        in_run = _run_jobs(metrics) if "jobs" in metrics else None
+        n_made = sum((c / n / "job.json").exists() and (in_run is None or n in in_run) for n in idx.get("name", []))
         make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
                     f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
                     + (f" --chimeras {n_chimeras}" if n_chimeras else "")
-                    + (f"   # stopped after {n_made} of {len(idx)} jobs" if n_made < len(idx) else ""))
+                    + (f"   # this model used {n_made} of its {len(idx)} jobs" if n_made < len(idx) else ""))
     data = " ".join(Path(d).name for d in metrics["options"]["data"])
     val_by = " --val_by protein" if t["val_by"] == "protein" else ""
     md += ["", "## Reproduce", "", "```bash", *make,
