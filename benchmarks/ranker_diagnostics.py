@@ -55,19 +55,28 @@ def job_scores(s: Samples, corpus: Path) -> np.ndarray:
 
 def within_job_auc(values: np.ndarray, categories: np.ndarray, jobs: np.ndarray, positive: tuple[int, ...],
                    negative: tuple[int, ...]) -> float:
-    """AUC of telling classes of ``positive`` categories from ``negative`` ones by ``values`` ranked within their
-    job: a job's quality moves all its classes together, so only the ordering inside each job counts."""
+    """AUC of telling classes of ``positive`` categories from ``negative`` ones by ``values``, counting only pairs
+    of classes of the same job (a job's quality moves all its classes together, so pairs across jobs would measure
+    it): the share of such pairs ordered correctly, ties counting half."""
     mask = np.isin(categories, positive + negative) & np.isfinite(values)
-    ranks = pd.Series(values[mask]).groupby(jobs[mask]).rank(pct=True).to_numpy()
-    is_pos = np.isin(categories[mask], positive)
-    return float(roc_auc_score(is_pos, ranks)) if 0 < is_pos.sum() < is_pos.size else float("nan")
+    right = pairs = 0.0
+    for job in np.unique(jobs[mask]):
+        sel = mask & (jobs == job)
+        pos = values[sel & np.isin(categories, positive)]
+        neg = values[sel & np.isin(categories, negative)]
+        if pos.size and neg.size:
+            diff = pos[:, None] - neg[None, :]
+            right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return right / pairs if pairs else float("nan")
 
 
 def merged_floor(s: Samples, merged: tuple[int, ...]) -> tuple[float, float]:
     """MSE and Spearman of a predictor that knows every target but cannot tell the ``merged`` categories apart
-    within a job, so gives each of those classes their job's mean target."""
-    key = np.where(np.isin(s.categories, merged), -1, s.categories)
-    pred = pd.Series(s.targets).groupby([s.job, key]).transform("mean").to_numpy()
+    within a job, so gives each of those classes the mean target of its job's merged classes."""
+    inside = np.isin(s.categories, merged)
+    pooled = pd.Series(np.where(inside, s.targets, np.nan)).groupby(s.job).transform("mean").to_numpy()
+    pred = np.where(inside, pooled, s.targets)
     return float(mean_squared_error(s.targets, pred)), float(spearmanr(pred, s.targets).statistic)
 
 

@@ -205,18 +205,24 @@ def test_full_disk_keeps_old_file(tmp_path, monkeypatch):
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """Outputs are readable as a plain open() would make them (0666 less the umask), not owner-only as a
-    temporary file is, and a rewritten file keeps the mode it had."""
+    temporary file is, and a rewritten file keeps the mode it had; a failed write leaves no temporary file."""
     import os
 
-    from reconstruct.files.atomic import _UMASK
+    from reconstruct.files.atomic import atomic_path
 
+    umask = os.umask(0o022)
+    os.umask(umask)
     write_map(tmp_path / "v.mrc", np.ones((4, 4, 4), np.float32), 1.0)
     write_star(tmp_path / "t.star", {"": pd.DataFrame({"rlnClassNumber": [1, 2]})})
     for name in ("v.mrc", "t.star"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
     os.chmod(tmp_path / "v.mrc", 0o640)
     write_map(tmp_path / "v.mrc", np.zeros((4, 4, 4), np.float32), 1.0)
     assert (tmp_path / "v.mrc").stat().st_mode & 0o777 == 0o640
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "t.star") as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.star", "v.mrc"]
 
 
 def test_legacy_star_mixed_optics_make_groups(tmp_path):

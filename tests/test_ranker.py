@@ -536,16 +536,17 @@ def test_interrupted_corpus_has_its_index_and_its_card_says_so(tmp_path, monkeyp
                                           "data": [str(out)]}}))
     card = publish(run, tmp_path / "models", corpus=[out])
     text = (tmp_path / "models" / "class_ranker_v1.md").read_text()
-    made_held_out = bool(index.held_out[index.name == next(out.glob("*/job.json")).parent.name].iloc[0])
-    assert card["data"]["jobs_used"] == 1 and card["data"]["jobs_planned"] == 4
-    assert card["data"]["jobs"] == (0 if made_held_out else 1)
-    assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # this model used 1 of its 4 jobs" in text
+    assert not index.held_out[index.name == next(out.glob("*/job.json")).parent.name].iloc[0]  # a training job
+    assert card["data"]["jobs"] == 1 and card["data"]["jobs_used"] == 1 and card["data"]["jobs_planned"] == 4
+    assert "--n_jobs 3 --n_held_out 1 --seed 3 --proteins adk_open   # made so far: 1 of its 4 jobs" in text
     metrics = json.loads((run / "metrics.json").read_text())
     made_name = next(out.glob("*/job.json")).parent.name
-    for used, expected in (([], 0), ([made_name], 1)):  # the jobs the run says it trained on, made or not
+    for used, expected in (([], None), ([made_name], 1)):  # the jobs the run says it trained on, made or not
         metrics["jobs"] = {"train": used + ["never_made"], "validation": [], "test": []}
         (run / "metrics.json").write_text(json.dumps(metrics))
-        assert publish(run, tmp_path / "models", corpus=[out])["data"]["jobs"] == expected
+        assert publish(run, tmp_path / "models", corpus=[out]).get("data", {}).get("jobs") == expected
+        card_text = (tmp_path / "models" / "class_ranker_v1.md").read_text()
+        assert f"# this model used {expected or 0} of its 4 jobs" in card_text
 
 
 def _fake_job(job, out: Path, work: Path) -> Path:

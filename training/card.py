@@ -53,15 +53,17 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     }
     if ablation is not None:
         card["metrics"]["features_zeroed"] = json.loads((ablation / "metrics.json").read_text())["test"]
-    data_lines = []
+    data_lines: list[str] = []
+    done = pd.DataFrame()
     indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
     if indexes:
         index = pd.concat(indexes, ignore_index=True)
         made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
         used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
-        done = (made[made.name.isin(used["train"] + used["validation"])] if used
+        done = (made[made.name.isin(used.get("train", []) + used.get("validation", []))] if used is not None
                 else made[~made.held_out.astype(bool)])
-        run_jobs = made[made.name.isin(_run_jobs(metrics))] if used else made  # test jobs too
+        run_jobs = made[made.name.isin(_run_jobs(metrics))] if used is not None else made  # test jobs too
+    if len(done):
         card["data"] = {"jobs": len(done), "jobs_used": len(run_jobs), "jobs_planned": len(index),
                         "proteins": sorted(done.protein.unique()),
                         "snr": [float(done.snr.min()), float(done.snr.max())],
@@ -79,7 +81,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
                       f"{d['junk_fraction'][0]:.0%}-{d['junk_fraction'][1]:.0%} (ice, carbon, aggregates, noise), "
                       f"neighbours 0-30%, box {d['box']}, {d['pixel_size'][0]:.2f}-{d['pixel_size'][1]:.2f} Å/px, "
                       "defocus 0.5-3.5 µm" + (f"; {len(run_jobs)} of the {len(index)} jobs of the corpus below, "
-                                               "test jobs included (it was not complete)."
+                                               "test jobs included" + (" (it was not complete)." if len(made) <
+                                                                       len(index) else ".")
                                                if len(run_jobs) < len(index) else ".")]
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=1, default=float))
     m = card["metrics"]
@@ -116,12 +119,13 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
         n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
         prot, n_chimeras = split_chimeras(meta.get("proteins") or [])
-        in_run = _run_jobs(metrics) if "jobs" in metrics else None
+        in_run = _run_jobs(metrics) if "jobs" in metrics else None  # older runs: the jobs made now
         n_made = sum((c / n / "job.json").exists() and (in_run is None or n in in_run) for n in idx.get("name", []))
+        what = "this model used" if in_run is not None else "made so far:"
         make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
                     f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
                     + (f" --chimeras {n_chimeras}" if n_chimeras else "")
-                    + (f"   # this model used {n_made} of its {len(idx)} jobs" if n_made < len(idx) else ""))
+                    + (f"   # {what} {n_made} of its {len(idx)} jobs" if n_made < len(idx) else ""))
     data = " ".join(Path(d).name for d in metrics["options"]["data"])
     val_by = " --val_by protein" if t["val_by"] == "protein" else ""
     md += ["", "## Reproduce", "", "```bash", *make,

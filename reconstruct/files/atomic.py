@@ -8,44 +8,41 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: Read once: changing the umask is process-wide, so it is not done on every write.
-_UMASK = _umask()
+def _new_temporary(target: Path) -> Path:
+    """Create an empty temporary file beside ``target`` as a plain ``open(target, "w")`` would create the target:
+    mode 0666 as the umask and any default ACL of the folder reduce it (``tempfile`` would make it owner-only)."""
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``target`` atomically.
 
-    The file gets the permissions a plain ``open(target, "w")`` would give it (those of the file it replaces,
-    else 0666 less the umask), not the owner-only ones of a temporary file: results on a shared file system
-    stay readable by the group, as RELION's are.
+    The file ends with the permissions a plain ``open(target, "w")`` would leave: those of the file it replaces,
+    else 0666 less the umask (and as a default ACL of the folder says), so results on a shared file system stay
+    readable by the group, as RELION's are.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        try:
-            mode = target.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_UMASK
-        os.chmod(tmp_path, mode)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp_path, target.stat().st_mode & 0o777)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
