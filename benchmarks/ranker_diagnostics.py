@@ -34,8 +34,8 @@ from ranker.features import FEATURE_MEAN, FEATURE_NAMES, FEATURE_STD
 from ranker.model_store import load_model
 from ranker.score import predict, zero_granulometry
 from training.data import Samples, load_samples
+from training.limits import merged_floor, target_ceiling, within_job_auc
 from training.targets import BEST, BLURRED, CATEGORY_NAMES, GOOD, MIN_PARTICLES, MIXED
-from training.train import calibrate_threshold, particle_rates
 
 
 def snr_estimate(s: Samples) -> np.ndarray:
@@ -53,33 +53,6 @@ def job_scores(s: Samples, corpus: Path) -> np.ndarray:
     return np.array([j[name] for name in s.job])
 
 
-def within_job_auc(values: np.ndarray, categories: np.ndarray, jobs: np.ndarray, positive: tuple[int, ...],
-                   negative: tuple[int, ...]) -> float:
-    """AUC of telling classes of ``positive`` categories from ``negative`` ones by ``values``, counting only pairs
-    of classes of the same job (a job's quality moves all its classes together, so pairs across jobs would measure
-    it): the share of such pairs ordered correctly, ties counting half."""
-    mask = np.isin(categories, positive + negative) & np.isfinite(values)
-    right = pairs = 0.0
-    for job in np.unique(jobs[mask]):
-        sel = mask & (jobs == job)
-        pos = values[sel & np.isin(categories, positive)]
-        neg = values[sel & np.isin(categories, negative)]
-        if pos.size and neg.size:
-            diff = pos[:, None] - neg[None, :]
-            right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.size
-    return right / pairs if pairs else float("nan")
-
-
-def merged_floor(s: Samples, merged: tuple[int, ...]) -> tuple[float, float]:
-    """MSE and Spearman of a predictor that knows every target but cannot tell the ``merged`` categories apart
-    within a job, so gives each of those classes the mean target of its job's merged classes."""
-    inside = np.isin(s.categories, merged)
-    pooled = pd.Series(np.where(inside, s.targets, np.nan)).groupby(s.job).transform("mean").to_numpy()
-    pred = np.where(inside, pooled, s.targets)
-    return float(mean_squared_error(s.targets, pred)), float(spearmanr(pred, s.targets).statistic)
-
-
 def class_truth(corpus: Path, jobs: np.ndarray) -> pd.DataFrame:
     """The ``class_truth.csv`` rows (classes of more than 10 particles) of ``jobs``, with a ``job`` column."""
     parts = [pd.read_csv(corpus / j / "class_truth.csv").assign(job=j) for j in np.unique(jobs)
@@ -90,11 +63,11 @@ def class_truth(corpus: Path, jobs: np.ndarray) -> pd.DataFrame:
 
 def print_limits(s: Samples, pred: np.ndarray, corpus: Path) -> None:
     """What no model can beat on these labels, and whether the categories can be seen (module docstring)."""
-    thr = calibrate_threshold(s.targets, s.good, s.sizes)
-    fpr, fnr = particle_rates(s.targets, s.good, s.sizes, thr)
-    print(f"targets as scores: best single threshold {thr:.3f} gives particle FPR {fpr:.3f}, FNR {fnr:.3f}")
+    c = target_ceiling(s.targets, s.good, s.sizes)
+    print(f"targets as scores: best single threshold {c['threshold']:.3f} gives particle FPR {c['particle_fpr']:.3f}, "
+          f"FNR {c['particle_fnr']:.3f}")
     for merged in ((BEST, GOOD), (BEST, GOOD, MIXED)):
-        mse, rho = merged_floor(s, merged)
+        mse, rho = merged_floor(s.targets, s.categories, s.job, merged)
         print(f"all targets known but categories {'/'.join(map(str, merged))} merged within a job: "
               f"MSE {mse:.4f}, Spearman {rho:.3f}")
     truth = class_truth(corpus, s.job)

@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", formatter_class=HELP_FORMAT, help="metrics of a model on labelled jobs",
                        description="MSE, Spearman correlation, AUC (truth-good classes vs the rest) and particle "
-                                   "false-positive/negative rates at the threshold, on job directories as for train.")
+                                   "false-positive/negative rates at the threshold, on job directories as for train; "
+                                   "'targets_as_scores' gives the rates of the targets themselves at their best "
+                                   "threshold, which no score that follows the targets can beat with one threshold.")
     s.add_argument("--data", nargs="+", required=True, help="directories of job directories")
     s.add_argument("--model", default=None, help="weights (default: the shipped model)")
     s.add_argument("--group", default=None, help="only jobs of this group (protein)")

@@ -589,3 +589,31 @@ def test_corpus_workers_make_the_same_jobs_in_parallel(tmp_path, monkeypatch) ->
     assert all(int((tmp_path / "two" / n / "recategorised").read_text()) != os.getpid() for n in two.name)
     with pytest.raises(ValueError, match="workers"):
         corpus.build_corpus(tmp_path / "three", 1, 0, workers=0)
+
+
+# -- what the labels allow ------------------------------------------------------------------------------
+def test_limits_of_the_labels() -> None:
+    """Within-job AUC counts only pairs inside a job; the merged floor keeps other classes' own targets; the
+    targets-as-scores ceiling is zero when one threshold can separate them and not when J scales jobs apart."""
+    from training.limits import merged_floor, target_ceiling, within_job_auc
+
+    # Two jobs far apart, each perfectly ordered: 1.0 (pooled percentile ranks would give less).
+    values = np.array([1.0, 2.0, 3.0, 10.0, 11.0])
+    cats = np.array([5, 1, 1, 5, 1])
+    jobs = np.array(["a", "a", "a", "b", "b"])
+    assert within_job_auc(values, cats, jobs, (1,), (5,)) == 1.0
+    assert within_job_auc(-values, cats, jobs, (1,), (5,)) == 0.0
+    assert within_job_auc(np.ones(5), cats, jobs, (1,), (5,)) == 0.5
+    assert np.isnan(within_job_auc(values, np.array([1, 1, 1, 5, 6]), np.array(list("aaabc")), (1,), (5,)))
+
+    targets = np.array([0.9, 0.7, 0.4, 0.2, 0.0], np.float32)
+    mse, rho = merged_floor(targets, np.array([1, 5, 2, 2, 6]), np.array(["a"] * 5), (1, 5))
+    assert mse == pytest.approx((0.1**2 + 0.1**2) / 5, rel=1e-4) and rho > 0.9
+    assert merged_floor(targets, np.array([1, 1, 2, 2, 6]), np.array(["a"] * 5), (5,))[0] == 0.0
+
+    sizes = np.full(4, 100)
+    good = np.array([True, True, False, False])
+    assert target_ceiling(np.array([0.8, 0.6, 0.3, 0.0]), good, sizes)["particle_fpr"] == 0.0
+    # A good class of a poor job (J 0.3) below a mixed class of a good one (J 0.9): no threshold separates them.
+    scaled = target_ceiling(np.array([0.9 * 0.8, 0.3 * 0.6, 0.9 * 0.4, 0.3 * 0.0]), good, sizes)
+    assert max(scaled["particle_fpr"], scaled["particle_fnr"]) == 0.5

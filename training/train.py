@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from sklearn.metrics import mean_squared_error, roc_auc_score, roc_curve
+from sklearn.metrics import mean_squared_error, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from ranker.network import ClassRankerNet, save_checkpoint, sha256
 from ranker.score import predict, zero_granulometry
 
 from .data import Samples, load_samples, summary
+from .limits import calibrate_threshold, particle_rates, target_ceiling
 
 log = logging.getLogger(__name__)
 VERSION = "autoproc-ranker-1.0"
@@ -72,27 +73,6 @@ def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str
     return samples.subset(train_mask), samples.subset(val_mask), samples.subset(test_mask)
 
 
-def particle_rates(scores: np.ndarray, good: np.ndarray, sizes: np.ndarray, threshold: float) -> tuple[float, float]:
-    """Particle false-positive rate (of particles in not-good classes, the share selected) and
-    false-negative rate (of particles in good classes, the share left out) at ``threshold``."""
-    sel = scores >= threshold
-    bad_total = sizes[~good].sum()
-    good_total = sizes[good].sum()
-    fpr = float(sizes[sel & ~good].sum() / bad_total) if bad_total > 0 else 0.0
-    fnr = float(sizes[~sel & good].sum() / good_total) if good_total > 0 else 0.0
-    return fpr, fnr
-
-
-def calibrate_threshold(scores: np.ndarray, good: np.ndarray, sizes: np.ndarray) -> float:
-    """The score threshold minimising the larger of the particle FPR and FNR (ROC weighted by class size)."""
-    if good.all() or not good.any():
-        return 0.5
-    fpr, tpr, thr = roc_curve(good, scores, sample_weight=sizes)
-    worst = np.maximum(fpr, 1 - tpr)
-    i = int(np.argmin(np.where(np.isfinite(thr), worst, np.inf)))
-    return float(thr[i])
-
-
 def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granulo: bool = True) -> dict[str, float]:
     """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` on ``samples``."""
     if len(samples) == 0:
@@ -105,7 +85,8 @@ def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granu
             "mse": float(mean_squared_error(samples.targets, pred)),
             "spearman": float(spearmanr(pred, samples.targets).statistic),
             "auc_good": float(roc_auc_score(good, pred)) if 0 < good.sum() < len(good) else float("nan"),
-            "particle_fpr": fpr, "particle_fnr": fnr, "threshold": threshold}
+            "particle_fpr": fpr, "particle_fnr": fnr, "threshold": threshold,
+            "targets_as_scores": target_ceiling(samples.targets, good, samples.sizes)}
 
 
 def train(opt: TrainOptions) -> dict[str, Any]:
