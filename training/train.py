@@ -73,8 +73,9 @@ def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str
     return samples.subset(train_mask), samples.subset(val_mask), samples.subset(test_mask)
 
 
-def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granulo: bool = True) -> dict[str, float]:
-    """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` on ``samples``."""
+def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granulo: bool = True) -> dict[str, Any]:
+    """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` on ``samples``, and the particle
+    FPR/FNR of the targets themselves as scores at their best threshold (``targets_as_scores``)."""
     if len(samples) == 0:
         return {}
     feats = zero_granulometry(samples.features) if zero_granulo else samples.features
