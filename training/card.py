@@ -54,15 +54,14 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     if ablation is not None:
         card["metrics"]["features_zeroed"] = json.loads((ablation / "metrics.json").read_text())["test"]
     data_lines: list[str] = []
-    done = pd.DataFrame()
     indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
-    if indexes:
-        index = pd.concat(indexes, ignore_index=True)
-        made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
-        used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
-        done = (made[made.name.isin(used.get("train", []) + used.get("validation", []))] if used is not None
-                else made[~made.held_out.astype(bool)])
-        run_jobs = made[made.name.isin(_run_jobs(metrics))] if used is not None else made  # test jobs too
+    index = pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame(
+        {"root": [], "name": [], "held_out": []})
+    made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
+    used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
+    done = (made[made.name.isin(used.get("train", []) + used.get("validation", []))] if used is not None
+            else made[~made.held_out.astype(bool)])
+    run_jobs = made[made.name.isin(_run_jobs(metrics))] if used is not None else made  # test jobs too
     if len(done):
         card["data"] = {"jobs": len(done), "jobs_used": len(run_jobs), "jobs_planned": len(index),
                         "proteins": sorted(done.protein.unique()),
@@ -115,13 +114,12 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     make = []
     for c in corpus or []:
         meta = json.loads((c / "corpus.json").read_text()) if (c / "corpus.json").exists() else {}
-        idx = pd.read_csv(c / "corpus.csv") if (c / "corpus.csv").exists() else pd.DataFrame({"held_out": []})
+        idx = index[index.root == str(c)]
         n_jobs = meta.get("n_jobs", int((~idx.held_out.astype(bool)).sum()))
         n_held = meta.get("n_held_out", int(idx.held_out.astype(bool).sum()))
         prot, n_chimeras = split_chimeras(meta.get("proteins") or [])
-        in_run = _run_jobs(metrics) if "jobs" in metrics else None  # older runs: the jobs made now
-        n_made = sum((c / n / "job.json").exists() and (in_run is None or n in in_run) for n in idx.get("name", []))
-        what = "this model used" if in_run is not None else "made so far:"
+        n_made = int((run_jobs.root == str(c)).sum())  # older runs: the jobs made now
+        what = "this model used" if used is not None else "made so far:"
         make.append(f"ranker make-corpus --o {c.name} --n_jobs {n_jobs} --n_held_out {n_held} --seed "
                     f"{meta.get('seed', 0)}" + (f" --proteins {' '.join(prot)}" if prot else "")
                     + (f" --chimeras {n_chimeras}" if n_chimeras else "")
