@@ -1,4 +1,4 @@
-"""Time to score a Class2D job's classes with the shipped ranker (features, 64x64 images, network).
+"""Time to score a Class2D job's classes with the shipped ranker (features, 64x64 images, network, job context).
 
 The classes of a real Class2D job (default: the test fixture, a simulated TCR-HLA job) are tiled to
 --classes classes; the whole `ranker score` path (feature extraction, image preparation, network on the
@@ -57,7 +57,8 @@ def main() -> None:
         f"# Ranker scoring speed ({os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)",
         "", f"{a.classes} classes of box {job.box} ({Path(a.job).name}), median of {a.repeats} runs after a warm-up.",
-        "", "| features + 64x64 images (s) | network (s) | total (s) | classes per second |", "|---:|---:|---:|---:|",
+        "", "| features + 64x64 images (s) | network + job-context stage (s) | total (s) | classes per second |",
+        "|---:|---:|---:|---:|",
         f"| {prep:.3f} | {net:.3f} | {prep + net:.3f} | {a.classes / (prep + net):.0f} |", "",
         f"Reproduce: `python benchmarks/bench_ranker.py --classes {a.classes} --repeats {a.repeats}`", ""])
     print(text)

@@ -32,10 +32,10 @@ from sklearn.metrics import mean_squared_error, roc_auc_score
 
 from ranker.features import FEATURE_MEAN, FEATURE_NAMES, FEATURE_STD
 from ranker.model_store import load_model
-from ranker.score import predict, zero_granulometry
 from training.data import Samples, load_samples
 from training.limits import merged_floor, target_ceiling, within_job_auc
 from training.targets import BEST, BLURRED, CATEGORY_NAMES, GOOD, MIN_PARTICLES, MIXED
+from training.train import sample_scores
 
 
 def snr_estimate(s: Samples) -> np.ndarray:
@@ -90,15 +90,16 @@ def main() -> None:
     ap.add_argument("--group", default="tcr_hla", help="held-out protein whose jobs are scored (default tcr_hla)")
     ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--cache", default=None, help="directory for the per-job sample cache (default: none)")
+    ap.add_argument("--no_context", action="store_true", help="the network's scores, without the job-context stage")
     a = ap.parse_args()
     corpus = Path(a.corpus)
     samples = load_samples([corpus], Path(a.cache) if a.cache else None)
     test = samples.subset(samples.group == a.group)
     if len(test) == 0:
         raise SystemExit(f"no jobs of {a.group!r} in {corpus}")
-    model = load_model(a.model)
-    feats = zero_granulometry(test.features) if model.zero_granulometry else test.features
-    pred = predict(model.net, test.images, feats).ravel()
+    model = load_model(a.model, context=not a.no_context)
+    pred = sample_scores(model, test)
+    print("scores:", "network + job-context stage" if model.context is not None else "network alone")
     j = job_scores(test, corpus)
     print(f"{a.group}: {np.unique(test.job).size} jobs, {len(test)} classes; MSE "
           f"{mean_squared_error(test.targets, pred):.4f}, Spearman {spearmanr(pred, test.targets).statistic:.3f}")

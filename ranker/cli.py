@@ -13,6 +13,9 @@ from reconstruct.cli import run_command
 from reconstruct.files.errors import InputError
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+NO_CONTEXT_HELP = ("score each class on its own (the network alone), without the job-context stage that otherwise "
+                   "re-scores the classes in the light of the whole job (class sizes, the spread of its scores, its "
+                   "accuracies and resolutions)")
 log = logging.getLogger("ranker")
 
 
@@ -40,8 +43,9 @@ def _cmd_score(a: argparse.Namespace) -> None:
     job_path = a.opt or a.job
     if not job_path:
         raise InputError(None, "no Class2D job given", "pass the job directory or --opt run_itNNN_optimiser.star")
-    model = load_model(a.model, a.model_sha256)
-    log.info("ranker model %s (sha256 %s...) from %s", model.version, model.sha256[:12], model.path)
+    model = load_model(a.model, a.model_sha256, context=not a.no_context)
+    log.info("ranker model %s (sha256 %s...) from %s, %s", model.version, model.sha256[:12], model.path,
+             "with its job-context stage" if model.context is not None else "network scores only")
     job = read_class_job(job_path, a.project_dir)
     log.info("job %s: %d classes, box %d, %.3f Å/px, mask diameter %.0f Å, %d particles", job.optimiser_star,
              job.n_classes, job.box, job.pixel_size, job.diameter, len(job.data.data))
@@ -70,23 +74,47 @@ def _cmd_train(a: argparse.Namespace) -> None:
                            weight_decay=a.weight_decay, batch_size=a.batch_size, seed=a.seed,
                            val_fraction=a.val_fraction, held_out=a.held_out, val_by=a.val_by, patience=a.patience,
                            accelerator="gpu" if a.gpu else "cpu", resume=a.resume, use_features=not a.no_features,
-                           cache=Path(a.cache) if a.cache else None))
+                           cache=Path(a.cache) if a.cache else None, job_context=not a.no_context))
     print(json.dumps({k: m[k] for k in ("validation", "test", "default_threshold", "sha256")}, indent=1))
     print(f"weights: {Path(a.o) / 'class_ranker.pt'}; metrics: {Path(a.o) / 'metrics.json'}")
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from training.data import load_samples
-    from training.train import evaluate
+    from training.train import evaluate, sample_scores
 
     from .model_store import load_model
 
-    model = load_model(a.model)
+    model = load_model(a.model, context=not a.no_context)
     samples = load_samples([Path(d) for d in a.data], Path(a.cache) if a.cache else None)
     if a.group:
         samples = samples.subset(samples.group == a.group)
     threshold = a.min_score if a.min_score is not None else model.threshold
-    print(json.dumps(evaluate(model.net, samples, threshold, model.zero_granulometry), indent=1))
+    result = evaluate(sample_scores(model, samples), samples, threshold)
+    print(json.dumps({"job_context": model.context is not None} | result, indent=1))
+
+
+def _cmd_fit_context(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from training.data import load_samples
+    from training.train import fit_and_save_context
+
+    from .context import context_path
+    from .model_store import load_model
+
+    if a.model is None and a.o is None:
+        raise InputError(None, "the shipped model's stage is checked against its card and cannot be replaced",
+                         "copy the weights elsewhere and pass --model COPY, or pass --o FILE")
+    model = load_model(a.model, context=False)
+    samples = load_samples([Path(d) for d in a.data], Path(a.cache) if a.cache else None)
+    test = samples.group == a.held_out if a.held_out else np.zeros(len(samples), bool)
+    out = Path(a.o) if a.o else context_path(model.path)
+    report = fit_and_save_context(model, samples.subset(~test), samples.subset(test), out, a.seed)
+    print(json.dumps({k: v for k, v in report.items() if k != "trees"}, indent=1))
+    print(f"job-context stage: {out} (threshold {report['default_threshold']:.3f}; report {out.with_suffix('.json')})"
+          + ("" if out == context_path(model.path) else
+             f"; `ranker score` uses it when it lies at {context_path(model.path)}"))
 
 
 def _cmd_corpus(a: argparse.Namespace) -> None:
@@ -138,6 +166,13 @@ def _cmd_score_remote(a: argparse.Namespace) -> None:
         print(f"{c['class']}\t{c['score']:.4f}")
 
 
+def _labelled_jobs_and_model(s: argparse.ArgumentParser) -> None:
+    """The options of commands that score labelled jobs: where they are, which weights, the inputs' cache."""
+    s.add_argument("--data", nargs="+", required=True, help="directories of job directories")
+    s.add_argument("--model", default=None, help="weights (default: the shipped model)")
+    s.add_argument("--cache", default=None, help="directory of prepared inputs (.npz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ranker`` argument parser."""
     p = argparse.ArgumentParser(prog="ranker", formatter_class=HELP_FORMAT,
@@ -184,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project_dir", default=None,
                    help="RELION project directory the job's paths are relative to (default: the current directory; "
                         "files are also looked for next to the optimiser file)")
+    s.add_argument("--no_context", action="store_true", help=NO_CONTEXT_HELP)
     s.add_argument("--gpu", action="store_true", help="run the network on the GPU")
     s.set_defaults(func=_cmd_score)
 
@@ -195,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "relative resolution. Validation jobs are split off by job (or by protein: --val_by); "
                     "--held_out names a group (protein) kept for testing. Writes class_ranker.pt, metrics.json, "
                     "checkpoints/ (resume with --resume) "
-                    "and CSV logs into --o; the threshold balancing particle false positives and false negatives on "
-                    "the validation jobs becomes the model's default --min_score.")
+                    "and CSV logs into --o; then fits the job-context stage (class_ranker.context.npz: trees that "
+                    "re-score a job's classes from their network scores and the job's make-up) on the training and "
+                    "validation jobs; the threshold balancing particle false positives and false negatives on "
+                    "their out-of-fold scores becomes the model's default --min_score.")
     s.add_argument("--data", nargs="+", required=True, help="directories of job directories (or single jobs)")
     s.add_argument("--o", required=True, help="output directory")
     s.add_argument("--epochs", type=int, default=200, help="maximum epochs (RELION: 200)")
@@ -214,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no_features", action="store_true", help="train on the images alone (features zeroed)")
     s.add_argument("--cache", default=None, help="directory to keep each job's prepared inputs (.npz) in")
     s.add_argument("--resume", action="store_true", help="continue from --o/checkpoints/last.ckpt")
+    s.add_argument("--no_context", action="store_true", help="do not fit the job-context stage")
     s.add_argument("--gpu", action="store_true", help="train on the GPU")
     s.set_defaults(func=_cmd_train)
 
@@ -222,12 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "false-positive/negative rates at the threshold, on job directories as for train; "
                                    "'targets_as_scores' gives the rates of the targets themselves at their best "
                                    "threshold, which no score that follows the targets can beat with one threshold.")
-    s.add_argument("--data", nargs="+", required=True, help="directories of job directories")
-    s.add_argument("--model", default=None, help="weights (default: the shipped model)")
+    _labelled_jobs_and_model(s)
     s.add_argument("--group", default=None, help="only jobs of this group (protein)")
     s.add_argument("--min_score", type=float, default=None, help="threshold (default: the model's calibrated one)")
-    s.add_argument("--cache", default=None, help="directory of prepared inputs (.npz)")
+    s.add_argument("--no_context", action="store_true", help=NO_CONTEXT_HELP)
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser(
+        "fit-context", formatter_class=HELP_FORMAT, help="fit the job-context stage of existing weights",
+        description="Fit the job-context stage (gradient-boosted trees, scikit-learn) on the network's scores of "
+                    "labelled jobs (as for train; the --held_out group is kept out and reported as a test), "
+                    "calibrate its threshold on out-of-fold scores and write it beside the weights as "
+                    "NAME.context.npz (plain arrays), where `ranker score` finds it. Works for RELION-5 weights too.")
+    _labelled_jobs_and_model(s)
+    s.add_argument("--held_out", default=None, help="group (protein) kept out of the fit and reported as a test")
+    s.add_argument("--o", default=None,
+                   help="output file (default: beside --model's weights, NAME.context.npz; required without --model)")
+    s.add_argument("--seed", type=int, default=12, help="seed of the trees' subsampling")
+    s.set_defaults(func=_cmd_fit_context)
 
     s = sub.add_parser("make-corpus", formatter_class=HELP_FORMAT, help="simulate Class2D jobs for training",
                        description="Simulate particles of each protein in ../shared/data/models (or $AUTOPROC_MODELS) "

@@ -46,11 +46,23 @@ def predict(net: torch.nn.Module, images: np.ndarray, features: np.ndarray, batc
 
 
 def score_inputs(model: RankerModel, inputs: JobInputs, n_classes: int, device: str = "cpu") -> np.ndarray:
-    """Scores of all K classes: the network's for retained classes, -999 for the rest."""
+    """Scores of all K classes of one job: for retained classes the network's, re-scored by the model's
+    job-context stage when it has one (:mod:`ranker.context`); -999 for the rest."""
     scores = np.full(n_classes, UNSCORED, np.float32)
-    features = zero_granulometry(inputs.features) if model.zero_granulometry else inputs.features
-    scores[inputs.class_index] = predict(model.net, inputs.images, features, device=device)
+    features = network_features(model, inputs.features)
+    net_scores = predict(model.net, inputs.images, features, device=device)
+    scores[inputs.class_index] = in_context(model, net_scores, inputs.sizes, features)
     return scores
+
+
+def network_features(model: RankerModel, features: np.ndarray) -> np.ndarray:
+    """The features as ``model`` was trained to see them (granulometry zeroed for ours)."""
+    return zero_granulometry(features) if model.zero_granulometry else features
+
+
+def in_context(model: RankerModel, net_scores: np.ndarray, sizes: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """One job's final scores from its network scores: the job-context stage's, or the network's without one."""
+    return net_scores if model.context is None else model.context.rescore(net_scores, sizes, features)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 ``POST /v1/score`` takes a multipart upload: ``stack`` (an MRC stack of class averages, modes 0/1/2/6/12),
 optionally ``model_star`` and ``data_star`` (the Class2D job's ``_model.star`` and ``_data.star``, for
-the metadata features exactly as ``ranker score`` computes them) and the form fields ``particle_diameter``
-and ``pixel_size`` (Å). ``GET /v1/health`` and ``GET /v1/model`` report liveness and the model's version,
+the metadata features exactly as ``ranker score`` computes them, and then the model's job-context stage
+re-scores the classes as ``ranker score`` does) and the form fields ``particle_diameter`` and ``pixel_size``
+(Å). ``GET /v1/health`` and ``GET /v1/model`` report liveness and the model's version,
 checksum and metrics. Bad input gets a 4xx whose ``detail`` says what was wrong; a token (bearer header)
 guards every endpoint but ``/v1/health`` when one is configured. Concurrent requests are gathered into
 one network batch (on the GPU when there is one).
@@ -30,7 +31,7 @@ from .features import FEATURE_NAMES
 from .inputs import JobInputs, image_only_inputs, job_inputs
 from .job import class_job_from_files
 from .model_store import RankerModel, load_model
-from .score import UNSCORED, predict, zero_granulometry
+from .score import UNSCORED, in_context, network_features, predict
 
 log = logging.getLogger("ranker.service")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -244,10 +245,12 @@ def create_app(cfg: ServiceConfig | None = None, model: RankerModel | None = Non
                 _prepare, images, header_px, pixel_size, particle_diameter,
                 await _save(model_star, where / "m", budget) if model_star is not None else None,
                 await _save(data_star, where / "d", budget) if data_star is not None else None)
-        feats = zero_granulometry(inputs.features) if model.zero_granulometry else inputs.features
+        feats = network_features(model, inputs.features)
         raw_scores = await batcher.score(inputs.images, feats)
         scores = np.full(len(images), UNSCORED, np.float32)
-        scores[inputs.class_index] = raw_scores
+        # The job-context stage needs the job's class sizes and metadata: image-only uploads get network scores.
+        with_context = used_metadata and model.context is not None
+        scores[inputs.class_index] = in_context(model, raw_scores, inputs.sizes, feats) if with_context else raw_scores
         by_class = {int(k): i for i, k in enumerate(inputs.class_index)}
         classes = []
         for k in range(len(images)):
@@ -256,10 +259,10 @@ def create_app(cfg: ServiceConfig | None = None, model: RankerModel | None = Non
                             "features": None if i is None else dict(zip(FEATURE_NAMES, map(float, feats[i])))})
         note = ("metadata features from model_star and data_star" if used_metadata else
                 "no model_star/data_star: image-only features; the accuracy and resolution features are set to "
-                "their mean (send both STAR files for the full model)")
+                "their mean, and the job-context stage is not used (send both STAR files for the full model)")
         return {"model": {"version": model.version, "sha256": model.sha256}, "metadata_used": used_metadata,
-                "note": note, "pixel_size": px, "particle_diameter": diameter, "threshold": model.threshold,
-                "classes": classes}
+                "note": note, "pixel_size": px, "particle_diameter": diameter,
+                "threshold": model.threshold_for(with_context), "job_context": with_context, "classes": classes}
 
     app.state.batcher = batcher
     app.state.model = model

@@ -72,6 +72,22 @@ def test_scores_equal_ranker_score(model, job):
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_job_context_is_used_when_the_job_is_sent(job):
+    """The shipped model re-scores a whole job's classes (STAR files sent) as `ranker score` does; image-only
+    uploads get the network's scores and the network's threshold, and the answer says which."""
+    shipped = load_model()
+    client = _client(shipped)
+    body = client.post("/v1/score", files=_files(job), data={"particle_diameter": "100"}).json()
+    expected, _ = rank_job(read_class_job(job, project_dir=job), shipped)
+    assert body["job_context"] and body["threshold"] == pytest.approx(shipped.threshold)
+    np.testing.assert_allclose([c["score"] for c in body["classes"]], expected, atol=1e-5)
+    alone, _ = rank_job(read_class_job(job, project_dir=job), shipped.without_context())
+    assert not np.allclose(expected, alone)
+    body = client.post("/v1/score", files=_files(job, with_stars=False), data={"particle_diameter": "100"}).json()
+    assert not body["job_context"] and body["threshold"] == pytest.approx(shipped.threshold_for(False))
+    assert "job-context stage is not used" in body["note"]
+
+
 def test_idle_server_hands_freed_memory_back(model, job):
     """After a second without requests the batcher releases the C heap's free pages once (glibc's
     malloc_trim), so resident memory falls back from its busiest level instead of staying there."""

@@ -30,6 +30,18 @@ def _run_jobs(metrics: dict[str, Any]) -> set[str]:
     return {name for part in metrics.get("jobs", {}).values() for name in part}
 
 
+def _publish_context(stage: Path, target: Path, network_sha256: str) -> dict[str, Any]:
+    """Copy the run's job-context stage beside the published weights; its card entry and metrics."""
+    report = json.loads(stage.with_suffix(".json").read_text())
+    if report["network_sha256"] != network_sha256:
+        raise ValueError(f"{stage} was fitted on other weights than the run's ({report['network_sha256'][:12]}...)")
+    shutil.copyfile(stage, target)
+    metrics = {"test_held_out_protein": report["test"], "test_network_only": report["test_network"],
+               "fitting_jobs_out_of_fold": report["out_of_fold"]}
+    return {"context": {"file": target.name, "sha256": sha256(target), "default_threshold": report["default_threshold"],
+                        "fitted_on": report["fitted_on"], "trees": report["trees"], "metrics": metrics}}
+
+
 def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list[Path] | None = None,
             name: str = "class_ranker_v1", notes: Path | None = None) -> dict[str, Any]:
     """Copy ``run``/class_ranker.pt to ``out_dir``/NAME.pt and write NAME.json and NAME.md; the card.
@@ -43,7 +55,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         "name": name, "version": "autoproc-ranker-1.0", "sha256": digest, "file": weights.name,
         "architecture": "RELION-5 class ranker v1.0 layout (CNN 64x64 + 24 features, 589,003 parameters)",
         "default_threshold": metrics["default_threshold"],
-        "metrics": {"validation": metrics["validation"], "test_held_out_protein": metrics["test"]},
+        "metrics": {"validation": metrics.get("validation_network", metrics["validation"]),
+                    "test_held_out_protein": metrics["test"]},
         "training": {k: metrics["options"][k] for k in ("epochs", "lr", "weight_decay", "batch_size", "seed",
                                                         "held_out", "val_fraction", "patience")}
         | {"val_by": metrics["options"].get("val_by", "job")}
@@ -52,7 +65,13 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
         "zero_granulometry": True,
     }
     if ablation is not None:
-        card["metrics"]["features_zeroed"] = json.loads((ablation / "metrics.json").read_text())["test"]
+        zeroed = json.loads((ablation / "metrics.json").read_text())
+        card["metrics"]["features_zeroed"] = zeroed.get("test_network", zeroed["test"])
+    stage = run / "class_ranker.context.npz"
+    if stage.exists():
+        card.update(_publish_context(stage, out_dir / f"{name}.context.npz", digest))
+        card["metrics"] = {"validation": card["metrics"]["validation"]} | card["context"].pop("metrics") | {
+            k: v for k, v in card["metrics"].items() if k not in ("validation", "test_held_out_protein")}
     data_lines: list[str] = []
     indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
     index = pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame(
@@ -91,9 +110,24 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     md = [f"# Model card: {name} ({card['version']})", "",
           f"- File: `{weights.name}`, SHA-256 `{digest}`", f"- Architecture: {card['architecture']}; output linear, "
           "trained towards RELION's targets in [0, 1]; granulometry features (slots 15-20) zeroed in training and "
-          "scoring.", f"- Default selection threshold (`ranker score --min_score`): {card['default_threshold']:.3f}, "
-          "chosen on the validation jobs to balance particle false positives and false negatives against "
-          "truth-good classes.", "", "## Training data", *data_lines,
+          "scoring."]
+    if "context" in card:
+        c = card["context"]
+        md += [f"- Job-context stage: `{c['file']}`, SHA-256 `{c['sha256']}`: {c['trees']['n_estimators']} "
+               f"regression trees of depth {c['trees']['max_depth']} (scikit-learn gradient boosting, stored as "
+               "arrays) that re-score each class from its network score, its features and summaries of its job "
+               f"(`ranker/context.py`), fitted on the network's scores of {c['fitted_on']['jobs']} jobs "
+               f"({c['fitted_on']['classes']} classes) of the training proteins; `--no_context` scores with the "
+               "network alone.",
+               f"- Default selection threshold (`ranker score --min_score`): {c['default_threshold']:.3f}, chosen on "
+               "the stage's out-of-fold scores of those jobs to balance particle false positives and false "
+               "negatives against truth-good classes; for the network alone "
+               f"{card['default_threshold']:.3f} (chosen so on the validation jobs)."]
+    else:
+        md.append(f"- Default selection threshold (`ranker score --min_score`): {card['default_threshold']:.3f}, "
+                  "chosen on the validation jobs to balance particle false positives and false negatives against "
+                  "truth-good classes.")
+    md += ["", "## Training data", *data_lines,
           "- Targets as RELION's training script: job score J (from the SNR and junk fraction) x category (from "
           "the truth: pure good particles, mostly good, mixed, blurred, neighbour-contaminated, junk; blurred = "
           "good particles whose noise-free average -- made from their true poses and the classification's "
@@ -106,10 +140,14 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
           f"all {m['test_held_out_protein']['jobs']} jobs of `{held}`, a protein never seen in training.", "",
           "## Metrics", "",
           "| set | jobs | classes | MSE | Spearman | AUC good vs rest | particle FPR | particle FNR |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|", _row("validation", m["validation"]),
-          _row(f"test (held-out protein {held})", m["test_held_out_protein"])]
+          "|---|---:|---:|---:|---:|---:|---:|---:|", _row("validation (network)", m["validation"])]
+    if "context" in card:
+        md.append(_row("fitting jobs of the job-context stage, out-of-fold", m["fitting_jobs_out_of_fold"]))
+    md.append(_row(f"**test (held-out protein {held})**", m["test_held_out_protein"]))
+    if "context" in card:
+        md.append(_row("test, network alone (`--no_context`)", m["test_network_only"]))
     if "features_zeroed" in m:
-        md.append(_row("test, model trained with features zeroed", m["features_zeroed"]))
+        md.append(_row("test, network trained with features zeroed (alone)", m["features_zeroed"]))
     t = card["training"]
     make = []
     for c in corpus or []:
@@ -131,6 +169,8 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
            f"--patience {t['patience']} --seed {t['seed']}{val_by}",
            f"ranker train --data {data} --o run_nofeat --held_out {held} --epochs {t['epochs']} --lr {t['lr']} "
            f"--patience {t['patience']} --seed {t['seed']}{val_by} --no_features",
+           *([f"ranker fit-context --model run/class_ranker.pt --data {data} --held_out {held}   # the job-context "
+              "stage (train fits one too, on its own training and validation jobs)"] if "context" in card else []),
            f"python -m training.card --run run --ablation run_nofeat --corpus {data} --o models", "```", ""]
     if notes is not None:
         md += ["## Notes", "", notes.read_text().strip(), ""]

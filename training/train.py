@@ -22,9 +22,13 @@ from scipy.stats import spearmanr
 from sklearn.metrics import mean_squared_error, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
+from ranker.context import JobContext, context_path
+from ranker.model_store import RankerModel, load_model
 from ranker.network import ClassRankerNet, save_checkpoint, sha256
-from ranker.score import predict, zero_granulometry
+from ranker.score import network_features, predict, zero_granulometry
+from reconstruct.files.atomic import atomic_write_text
 
+from .context import TREES, TooFewJobs, fit_context, rescore_samples
 from .data import Samples, load_samples, summary
 from .limits import calibrate_threshold, particle_rates, target_ceiling
 
@@ -52,6 +56,7 @@ class TrainOptions:
     resume: bool = False
     use_features: bool = True
     cache: Path | None = None
+    job_context: bool = True  # fit the job-context stage on the trained network's scores
 
 
 def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str | None, val_by: str = "job"
@@ -73,13 +78,12 @@ def split_by_job(samples: Samples, val_fraction: float, seed: int, held_out: str
     return samples.subset(train_mask), samples.subset(val_mask), samples.subset(test_mask)
 
 
-def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granulo: bool = True) -> dict[str, Any]:
-    """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` on ``samples``, and the particle
-    FPR/FNR of the targets themselves as scores at their best threshold (``targets_as_scores``)."""
+def evaluate(pred: np.ndarray, samples: Samples, threshold: float) -> dict[str, Any]:
+    """MSE, Spearman, AUC (good vs rest) and particle FPR/FNR at ``threshold`` of scores ``pred`` of
+    ``samples``, and the particle FPR/FNR of the targets themselves as scores at their best threshold
+    (``targets_as_scores``)."""
     if len(samples) == 0:
         return {}
-    feats = zero_granulometry(samples.features) if zero_granulo else samples.features
-    pred = predict(net, samples.images, feats)
     good = samples.good
     fpr, fnr = particle_rates(pred, good, samples.sizes, threshold)
     return {"classes": len(samples), "jobs": int(np.unique(samples.job).size),
@@ -88,6 +92,28 @@ def evaluate(net: ClassRankerNet, samples: Samples, threshold: float, zero_granu
             "auc_good": float(roc_auc_score(good, pred)) if 0 < good.sum() < len(good) else float("nan"),
             "particle_fpr": fpr, "particle_fnr": fnr, "threshold": threshold,
             "targets_as_scores": target_ceiling(samples.targets, good, samples.sizes)}
+
+
+def network_scores(net: ClassRankerNet, samples: Samples, zero_granulo: bool = True) -> np.ndarray:
+    """The network's scores of ``samples`` (granulometry zeroed, as ours are trained)."""
+    return predict(net, samples.images, zero_granulometry(samples.features) if zero_granulo else samples.features)
+
+
+def sample_scores(model: RankerModel, samples: Samples) -> np.ndarray:
+    """Final scores of ``samples`` as ``ranker score`` gives them: network, then the job-context stage."""
+    net = network_scores(model.net, samples, model.zero_granulometry)
+    feats = network_features(model, samples.features)
+    return rescore_samples(model.context, net, samples.sizes, feats, samples.job)
+
+
+def fit_job_context(net_scores: np.ndarray, samples: Samples, network_sha256: str, seed: int = 12
+                    ) -> tuple[JobContext, np.ndarray]:
+    """Fit the job-context stage on the network's scores of ``samples`` (training and validation jobs) and
+    calibrate its threshold on out-of-fold scores; returns the stage and those scores."""
+    fitted = fit_context(net_scores, samples.sizes, zero_granulometry(samples.features), samples.job,
+                         samples.targets, network_sha256, seed)
+    fitted.stage.default_threshold = calibrate_threshold(fitted.out_of_fold, samples.good, samples.sizes)
+    return fitted.stage, fitted.out_of_fold
 
 
 def train(opt: TrainOptions) -> dict[str, Any]:
@@ -124,9 +150,10 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     net = best_module.net.cpu().eval()
     if not opt.use_features:
         net = _features_off(net)
-    val_pred = predict(net, val_s.images, zero_granulometry(val_s.features))
+    val_pred = network_scores(net, val_s)
     threshold = calibrate_threshold(val_pred, val_s.good, val_s.sizes)
-    metrics = {"validation": evaluate(net, val_s, threshold), "test": evaluate(net, test_s, threshold),
+    metrics = {"validation_network": evaluate(val_pred, val_s, threshold),
+               "test_network": evaluate(network_scores(net, test_s), test_s, threshold),
                "train_classes": len(train_s), "epochs": int(trainer.current_epoch), "train_seconds": seconds,
                "jobs": {name: sorted(map(str, np.unique(part.job))) for name, part in
                         (("train", train_s), ("validation", val_s), ("test", test_s))},
@@ -136,11 +163,55 @@ def train(opt: TrainOptions) -> dict[str, Any]:
     save_checkpoint(net, weights, version=VERSION, zero_granulometry=True, default_threshold=threshold,
                     use_features=opt.use_features)
     metrics["sha256"] = sha256(weights)
-    metrics["default_threshold"] = threshold
-    (opt.out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    metrics["network_threshold"] = threshold
+    metrics.update({"validation": metrics["validation_network"], "test": metrics["test_network"],
+                    "default_threshold": threshold})
+    if opt.job_context:
+        metrics.update(_with_context(net, weights, metrics["sha256"], train_s, val_s, test_s, opt.seed))
+    atomic_write_text(opt.out / "metrics.json", json.dumps(metrics, indent=1, default=float))
     log.info("validation: %s", metrics["validation"])
     log.info("test (%s): %s", opt.held_out, metrics["test"])
     return metrics
+
+
+def _with_context(net: ClassRankerNet, weights: Path, digest: str, train_s: Samples, val_s: Samples,
+                  test_s: Samples, seed: int) -> dict[str, Any]:
+    """Fit, save and measure the job-context stage of freshly trained weights (metrics: validation scores
+    are out-of-fold, the stage never saw the test jobs)."""
+    model = load_model(weights, context=False)
+    try:
+        report = fit_and_save_context(model, Samples.concat([train_s, val_s]), test_s, context_path(weights), seed,
+                                      validation_jobs=np.unique(val_s.job))
+    except TooFewJobs as e:
+        log.warning("no job-context stage: %s; the network's scores are the model's scores", e)
+        return {}
+    return {"validation": report["validation"], "test": report.get("test", {}),
+            "default_threshold": report["default_threshold"], "context_sha256": report["sha256"]}
+
+
+def fit_and_save_context(model: RankerModel, fit_s: Samples, test_s: Samples, out: Path, seed: int = 12,
+                         validation_jobs: np.ndarray | None = None) -> dict[str, Any]:
+    """Fit the job-context stage of ``model``'s network on ``fit_s``, write it to ``out`` and a report beside it
+    (``.json``: what it was fitted on, out-of-fold metrics overall and on ``validation_jobs``, test metrics);
+    returns the report."""
+    stage, oof = fit_job_context(network_scores(model.net, fit_s, model.zero_granulometry), fit_s, model.sha256,
+                                 seed)
+    stage.save(out)
+    threshold = float(stage.default_threshold)
+    report: dict[str, Any] = {"network_sha256": model.sha256, "sha256": sha256(out), "default_threshold": threshold,
+                              "fitted_on": {"classes": len(fit_s), "jobs": int(np.unique(fit_s.job).size)},
+                              "out_of_fold": evaluate(oof, fit_s, threshold), "trees": TREES}
+    if validation_jobs is not None:
+        in_val = np.isin(fit_s.job, validation_jobs)
+        report["validation"] = evaluate(oof[in_val], fit_s.subset(in_val), threshold)
+    if len(test_s):
+        scored = RankerModel(model.net, model.path, model.sha256, model.version, model.card, model.zero_granulometry,
+                             threshold, stage, model.threshold)
+        report["test"] = evaluate(sample_scores(scored, test_s), test_s, threshold)
+        report["test_network"] = evaluate(network_scores(model.net, test_s, model.zero_granulometry), test_s,
+                                          model.threshold)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1, default=float))
+    return report
 
 
 def _features_off(net: ClassRankerNet) -> ClassRankerNet:
