@@ -96,7 +96,7 @@ class JobContext:
     def save(self, path: Path) -> Path:
         """Write the stage as arrays (atomically)."""
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, format=np.array(FORMAT), left=self.left, right=self.right, feature=self.feature,
+            np.savez_compressed(fh, format=np.array(FORMAT), left=self.left, right=self.right, feature=self.feature,
                      threshold=self.threshold, value=self.value, init=np.array(self.init),
                      learning_rate=np.array(self.learning_rate), network_sha256=np.array(self.network_sha256),
                      columns=np.array(JOB_SUMMARIES),
