@@ -176,3 +176,28 @@ def test_fit_context_from_the_command_line_and_score_with_it(tmp_path, capsys):
         threshold = report["default_threshold"] if not flag else load_model(context=False).threshold
         assert np.array_equal(chosen.astype(bool), scores[bool(flag)] >= threshold)
     assert not np.allclose(scores[True], scores[False])
+
+
+def test_stage_sees_the_features_as_its_network_does(tmp_path, monkeypatch):
+    """Ours zero the granulometry slots, RELION-5's do not: the stage is fitted on what scoring will give it."""
+    import training.train as train
+    from ranker.features import GRANULO
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def capture(scores, sizes, features, *args, **kwargs):
+        seen.append(features)
+        raise Seen
+
+    monkeypatch.setattr(train, "fit_context", capture)
+    s = job_samples(FIXTURE_JOB)
+    for zero in (True, False):
+        path = tmp_path / f"w{zero}.pt"
+        save_checkpoint(ClassRankerNet(), path, version="t", zero_granulometry=zero)
+        with pytest.raises(Seen):
+            train.fit_job_context(load_model(path), s)
+        assert np.all(seen[-1][:, GRANULO] == 0) == zero
+        assert np.array_equal(np.delete(seen[-1], GRANULO, axis=1), np.delete(s.features, GRANULO, axis=1))

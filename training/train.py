@@ -106,12 +106,12 @@ def sample_scores(model: RankerModel, samples: Samples) -> np.ndarray:
     return rescore_samples(model.context, net, samples.sizes, feats, samples.job)
 
 
-def fit_job_context(net_scores: np.ndarray, samples: Samples, network_sha256: str, seed: int = 12
-                    ) -> tuple[JobContext, np.ndarray]:
-    """Fit the job-context stage on the network's scores of ``samples`` (training and validation jobs) and
-    calibrate its threshold on out-of-fold scores; returns the stage and those scores."""
-    fitted = fit_context(net_scores, samples.sizes, zero_granulometry(samples.features), samples.job,
-                         samples.targets, network_sha256, seed)
+def fit_job_context(model: RankerModel, samples: Samples, seed: int = 12) -> tuple[JobContext, np.ndarray]:
+    """Fit the job-context stage on ``model``'s network scores of ``samples`` (training and validation jobs),
+    with the features as that network sees them (as scoring will), and calibrate its threshold on out-of-fold
+    scores; returns the stage and those scores."""
+    fitted = fit_context(network_scores(model.net, samples, model.zero_granulometry), samples.sizes,
+                         network_features(model, samples.features), samples.job, samples.targets, model.sha256, seed)
     fitted.stage.default_threshold = calibrate_threshold(fitted.out_of_fold, samples.good, samples.sizes)
     return fitted.stage, fitted.out_of_fold
 
@@ -194,8 +194,7 @@ def fit_and_save_context(model: RankerModel, fit_s: Samples, test_s: Samples, ou
     """Fit the job-context stage of ``model``'s network on ``fit_s``, write it to ``out`` and a report beside it
     (``.json``: what it was fitted on, out-of-fold metrics overall and on ``validation_jobs``, test metrics);
     returns the report."""
-    stage, oof = fit_job_context(network_scores(model.net, fit_s, model.zero_granulometry), fit_s, model.sha256,
-                                 seed)
+    stage, oof = fit_job_context(model, fit_s, seed)
     stage.save(out)
     threshold = float(stage.default_threshold)
     report: dict[str, Any] = {"network_sha256": model.sha256, "sha256": sha256(out), "default_threshold": threshold,
