@@ -121,8 +121,10 @@ class JobContext:
                              "delete it to score with the network alone, or re-run `ranker train`") from None
         shapes = {a.shape for a in (stage.left, stage.right, stage.feature, stage.threshold, stage.value)}
         n_cols = len(JOB_SUMMARIES) + 24
-        if len(shapes) != 1 or stage.feature.max(initial=0) >= n_cols or stage.left.max(initial=0) >= \
-                stage.left.shape[-1]:
+        nodes = stage.left.shape[-1] if stage.left.ndim == 2 else 0
+        children_ok = all(c.min(initial=-1) >= -1 and c.max(initial=0) < nodes for c in (stage.left, stage.right))
+        if len(shapes) != 1 or stage.left.ndim != 2 or not children_ok or stage.feature.min(initial=0) < 0 \
+                or stage.feature.max(initial=0) >= n_cols:
             raise InputError(path, "the job-context trees are inconsistent", "re-run `ranker train`")
         return stage
 

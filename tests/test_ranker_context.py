@@ -59,6 +59,9 @@ def test_trees_as_arrays_predict_as_scikit_learn(tmp_path):
     np.save(tmp_path / "bad.npy", np.array([{"code": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InputError, match="not a job-context stage"):  # object arrays need pickle: refused
         JobContext.load(tmp_path / "bad.npy")
+    stage.right[0, 0] = 10**6  # a child outside its tree
+    with pytest.raises(InputError, match="inconsistent"):
+        JobContext.load(stage.save(tmp_path / "bad_child.npz"))
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])
     with pytest.raises(InputError, match="not a job-context stage"):
         JobContext.load(tmp_path / "cut.npz")
