@@ -204,3 +204,41 @@ def test_stage_sees_the_features_as_its_network_does(tmp_path, monkeypatch):
             train.fit_job_context(load_model(path), s)
         assert np.all(seen[-1][:, GRANULO] == 0) == zero
         assert np.array_equal(np.delete(seen[-1], GRANULO, axis=1), np.delete(s.features, GRANULO, axis=1))
+
+
+def test_card_publishes_the_stage_with_its_weights(tmp_path):
+    """`python -m training.card` copies a run's stage beside the weights, records its checksum and threshold,
+    and reports the test with the stage and with the network alone; a stage of other weights is refused."""
+    from ranker.network import sha256
+    from training.card import publish
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "class_ranker.pt").write_bytes(b"weights")
+    split = {"classes": 10, "jobs": 2, "mse": 0.02, "spearman": 0.8, "auc_good": 0.8, "particle_fpr": 0.2,
+             "particle_fnr": 0.2, "threshold": 0.3}
+    better = split | {"mse": 0.01, "spearman": 0.9}
+    (run / "metrics.json").write_text(json.dumps({
+        "validation": split, "test": split, "default_threshold": 0.3, "epochs": 1, "train_classes": 10,
+        "train_seconds": 1.0, "options": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 32,
+                                          "seed": 1, "held_out": "tcr_hla", "val_fraction": 0.2, "patience": 5,
+                                          "data": ["corpus"]}}))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 44))
+    trees = GradientBoostingRegressor(n_estimators=5, max_depth=2).fit(x, x[:, 0])
+    stage = export(trees, sha256(run / "class_ranker.pt"))
+    stage.save(run / "class_ranker.context.npz")
+    report = {"network_sha256": stage.network_sha256, "default_threshold": 0.25, "trees": {"n_estimators": 5,
+              "max_depth": 2}, "fitted_on": {"classes": 90, "jobs": 9}, "test": better, "test_network": split,
+              "out_of_fold": split}
+    (run / "class_ranker.context.json").write_text(json.dumps(report))
+    card = publish(run, tmp_path / "models")
+    published = tmp_path / "models" / "class_ranker_v1.context.npz"
+    assert card["context"]["sha256"] == sha256(published) and card["context"]["default_threshold"] == 0.25
+    assert card["metrics"]["test_held_out_protein"]["mse"] == 0.01 and card["metrics"]["test_network_only"] == split
+    text = (tmp_path / "models" / "class_ranker_v1.md").read_text()
+    assert "| **test (held-out protein tcr_hla)** | 2 | 10 | 0.0100 | 0.900 |" in text
+    assert "ranker fit-context --model run/class_ranker.pt" in text and "0.250, chosen on" in text
+    (run / "class_ranker.pt").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="fitted on other weights"):
+        publish(run, tmp_path / "models")

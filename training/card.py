@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ranker.network import sha256
@@ -76,7 +77,7 @@ def publish(run: Path, out_dir: Path, ablation: Path | None = None, corpus: list
     indexes = [pd.read_csv(c / "corpus.csv").assign(root=str(c)) for c in corpus or [] if (c / "corpus.csv").exists()]
     index = pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame(
         {"root": [], "name": [], "held_out": []})
-    made = index[[(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)]]
+    made = index[np.array([(Path(r) / n / "job.json").exists() for r, n in zip(index.root, index.name)], bool)]
     used = metrics.get("jobs")  # the run's own split; older runs: every job made but the held-out protein's
     done = (made[made.name.isin(used.get("train", []) + used.get("validation", []))] if used is not None
             else made[~made.held_out.astype(bool)])
