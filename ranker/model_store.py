@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,7 @@ class RankerModel:
 
     def without_context(self) -> RankerModel:
         """The same network scoring each class on its own (``--no_context``)."""
-        return RankerModel(self.net, self.path, self.sha256, self.version, self.card, self.zero_granulometry,
-                           self.threshold_for(False), None, None)
+        return replace(self, threshold=self.threshold_for(False), context=None, network_threshold=None)
 
 
 def model_card() -> dict[str, Any]:

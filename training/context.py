@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.model_selection import GroupKFold
 
-from ranker.context import MIN_CLASSES, JobContext, context_table
+from ranker.context import JOB_SUMMARIES, MIN_CLASSES, JobContext, context_table
 
 
 class TooFewJobs(ValueError):
@@ -29,7 +29,7 @@ def job_tables(scores: np.ndarray, sizes: np.ndarray, features: np.ndarray, job:
                ) -> tuple[np.ndarray, np.ndarray]:
     """Context rows of every class (:func:`ranker.context.context_table`, job by job) and which rows
     belong to jobs with enough classes for the stage to apply."""
-    table = np.zeros((len(scores), len(context_table(np.zeros(1), np.ones(1), np.zeros((1, 24)))[0])))
+    table = np.zeros((len(scores), len(JOB_SUMMARIES) + 24))
     usable = np.zeros(len(scores), bool)
     for name in np.unique(job):
         rows = np.nonzero(job == name)[0]

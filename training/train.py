@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +204,7 @@ def fit_and_save_context(model: RankerModel, fit_s: Samples, test_s: Samples, ou
         in_val = np.isin(fit_s.job, validation_jobs)
         report["validation"] = evaluate(oof[in_val], fit_s.subset(in_val), threshold)
     if len(test_s):
-        scored = RankerModel(model.net, model.path, model.sha256, model.version, model.card, model.zero_granulometry,
-                             threshold, stage, model.threshold)
+        scored = replace(model, threshold=threshold, context=stage, network_threshold=model.threshold)
         report["test"] = evaluate(sample_scores(scored, test_s), test_s, threshold)
         report["test_network"] = evaluate(network_scores(model.net, test_s, model.zero_granulometry), test_s,
                                           model.threshold)
