@@ -251,6 +251,12 @@ def bound_lines(bounds: dict) -> list[str]:
             f"open map as reference, same sampling): median angular error {med:.1f}°, {100 * within:.0f}% within 15°."]
 
 
+def _where(args: argparse.Namespace, out: Path) -> str:
+    """The table's command line: --out and --table when they are not the defaults."""
+    parts = "" if out == (HERE / "out/class3d").resolve() else f" --out {os.path.relpath(out, HERE.parent)}"
+    return parts + (f" --table {args.table}" if args.table else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4000, help="number of particles (default 4000)")
@@ -294,8 +300,9 @@ def main() -> None:
              f"{args.n} particles (50% 4AKE open, 50% 1AKE closed), box {args.box}, {args.angpix} Å/px, "
              f"SNR {args.snr}, mask {args.particle_diameter:g} Å; reference: the average of both states low-passed to "
              f"{args.ini_high:g} Å; K 2, EM, on {dev}, one program at a time.", "",
-             f"    python benchmarks/bench_class3d.py --n {args.n} --snr {args.snr} --iter {args.iter} "
-             f"--healpix_order {args.healpix_order} --strict_highres_exp {args.strict_highres_exp:g}", "",
+             f"    python benchmarks/bench_class3d.py --n {args.n} --snr {args.snr} --box {args.box} --angpix "
+             f"{args.angpix:g} --iter {args.iter} --healpix_order {args.healpix_order} --strict_highres_exp "
+             f"{args.strict_highres_exp:g}{_where(args, out)}", "",
              "| program | iterations | HEALPix order | E-step limit (Å) | particles assigned to their state's class "
              "| class sizes | median angular error (°) | wall time (s) | CPU time (s) |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
