@@ -136,7 +136,7 @@ class _TrueModel:
     scale: float
     label: np.ndarray  # (B,) 0 open, 1 closed
     rotations: np.ndarray  # (B, 3, 3) true orientations
-    maps: list[np.ndarray]
+    projectors: list[Projector]  # of the true maps, open then closed
 
 
 def _true_model(out: Path, args: argparse.Namespace) -> _TrueModel:
@@ -151,25 +151,25 @@ def _true_model(out: Path, args: argparse.Namespace) -> _TrueModel:
                     2)
     c = CtfSource(table, box, px)(rows, np)
     rot = euler_to_matrix(truth.rlnAngleRot.to_numpy(), truth.rlnAngleTilt.to_numpy(), truth.rlnAnglePsi.to_numpy())
-    maps = [atomic_model_map(m, box, px) for m in MODELS]
+    projectors = [Projector(atomic_model_map(m, box, px)) for m in MODELS]
     label = truth.map_index.to_numpy(int)
     own = np.empty_like(x)  # each particle's true projection, CTF-modulated
-    for k in (0, 1):
-        own[label == k] = c[label == k] * Projector(maps[k]).project(rot[label == k])
+    for k, proj in enumerate(projectors):
+        own[label == k] = c[label == k] * proj.project(rot[label == k])
     scale = float((np.conj(own) * x).real.sum() / (np.abs(own) ** 2).sum())
     shell = np.minimum(shell_index((box, box), np), box // 2 + 1)
     resid = np.abs(x - scale * own) ** 2
     sigma2 = np.bincount(shell.ravel(), resid.mean(0).ravel()) / np.maximum(np.bincount(shell.ravel()), 1)
     inv_sigma2 = np.where(shell <= box // 2, 1.0 / np.maximum(sigma2[shell], 1e-30), 0.0).astype(np.float32)
-    return _TrueModel(x, c, inv_sigma2, scale, label, rot, maps)
+    return _TrueModel(x, c, inv_sigma2, scale, label, rot, projectors)
 
 
 def true_pose_bound(model: _TrueModel) -> float:
     """Fraction of particles a likelihood ratio between the two true maps, at each particle's true
     orientation and offset, assigns to its own state: what classification could reach if alignment
     were perfect."""
-    dist = [((np.abs(model.x - model.scale * model.ctf * Projector(m).project(model.rotations)) ** 2)
-             * model.inv_sigma2).sum(axis=(1, 2)) for m in model.maps]
+    dist = [((np.abs(model.x - model.scale * model.ctf * proj.project(model.rotations)) ** 2)
+             * model.inv_sigma2).sum(axis=(1, 2)) for proj in model.projectors]
     return float(np.mean((dist[1] < dist[0]).astype(int) == model.label))
 
 
@@ -183,8 +183,7 @@ def marginal_bound(model: _TrueModel, healpix_order: int, batch: int = 2048) -> 
     zero = np.zeros((1, 2), np.float32)
     rots, _ = orientations(healpix_order)
     log_evidence = []
-    for m in model.maps:
-        proj = Projector(m)
+    for proj in model.projectors:
         acc = np.full(len(model.x), -np.inf)
         for s in range(0, len(rots), batch):
             cross, power = score_poses(model.x, model.ctf, proj.project(rots[s:s + batch]), zero, model.inv_sigma2,
